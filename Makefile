@@ -1,0 +1,54 @@
+# ssnarec — see README.md.  Every target has its defaults here; override on the command line.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export SSNAREC_HOME ?= $(CURDIR)/workspace
+
+DATASET ?= sci
+LLM ?= minilm
+METHOD ?= ssna
+SEEDS ?= 0
+ARGS ?=
+
+.PHONY: help setup test lint demo embeddings train eval report bench bench-quick clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The stamp depends on pyproject.toml, so `make setup` is a no-op (seconds) until dependencies change.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with pinned torch, then the project (idempotent)
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup  ## ruff
+	$(BIN)/ruff check pipeline featurestore train evaluate tests benchmarks
+
+embeddings: setup  ## stage one: make embeddings DATASET=sci LLM=minilm (comma-separated lists allowed)
+	$(BIN)/ssnarec embed --dataset $(DATASET) --llm $(LLM) $(ARGS)
+
+train: setup  ## stage two: make train METHOD=ssna DATASET=sci LLM=minilm
+	$(BIN)/ssnarec train --method $(METHOD) --dataset $(DATASET) --llm $(LLM) $(ARGS)
+
+eval: setup  ## the paper's tables from the results store
+	$(BIN)/ssnarec eval $(ARGS)
+
+report: setup  ## tables and figures as one markdown page under reports/
+	$(BIN)/ssnarec report $(ARGS)
+
+demo: setup  ## the whole job on ml100k + all-MiniLM-L6-v2, offline
+	$(BIN)/ssnarec demo $(ARGS)
+
+clean:  ## remove the workspace (keeps .venv)
+	rm -rf $(SSNAREC_HOME)
