@@ -1,0 +1,450 @@
+"""The paper's Tables 2–8 from the results store, as markdown and as plain text.
+
+For every (dataset, LLM, method) the reported configuration is the one with the best mean validation R@10
+over its seeds (the paper's protocol: grid search, select on validation R@10); its test metrics are the mean
+over those seeds, shown with the seed count, e.g. ``0.1123 (3)``. A missing cell shows "—", never a value.
+
+- Tables 2–4 (one per LLM): methods LoRA, ADA, Full, TMLP, TMoE, SSNA × datasets × R@10, R@50, N@10, N@50;
+  best of each row in bold, second underlined.
+- Table 5: SSNA's improvement over each baseline in %, averaged over datasets, starred when a paired t-test
+  over users (per-user test metrics averaged over matched seeds, users pooled across datasets) gives
+  p < 0.15 for a positive improvement (the paper's 85% confidence level).
+- Tables 6–7: seconds per epoch (``†`` = extrapolated from a bounded run) and peak memory, best in bold.
+- Table 8: MEAN, WEIGHTED and SSNA, best in bold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from evaluate import METRIC_NAMES
+from evaluate.results import read_per_user, write_text_atomic
+from evaluate.stats import (
+    SIGNIFICANCE_ALPHA,
+    improvement_pct,
+    is_significant,
+    pair_users,
+    paired_test_by_metric,
+)
+
+MISSING = "—"
+EXTRAPOLATED_MARK = "†"
+MAIN_METHODS: tuple[str, ...] = ("lora", "adalora", "full", "tmlp", "tmoe", "ssna")
+BASELINES: tuple[str, ...] = ("lora", "adalora", "full", "tmlp", "tmoe")
+INTEGRATION_METHODS: tuple[str, ...] = ("mean", "weighted", "ssna")
+METHOD_ORDER: tuple[str, ...] = ("lora", "adalora", "full", "tmlp", "tmoe", "mean", "weighted", "ssna")
+METHOD_LABELS: dict[str, str] = {
+    "lora": "LoRA", "adalora": "ADA", "full": "Full", "tmlp": "TMLP", "tmoe": "TMoE",
+    "mean": "MEAN", "weighted": "WEIGHTED", "ssna": "SSNA",
+}
+DATASET_ORDER: tuple[str, ...] = ("sci", "pantry", "tools", "toys", "ins")
+DATASET_LABELS: dict[str, str] = {"sci": "Sci", "pantry": "Pantry", "tools": "Tools", "toys": "Toys", "ins": "Ins"}
+LLM_ORDER: tuple[str, ...] = ("distilbert", "distilroberta", "bertmedium")
+LLM_LABELS: dict[str, str] = {"distilbert": "DistilBERT", "distilroberta": "DistilRoBERTa", "bertmedium": "BERTMedium"}
+PAPER_TABLE_NUMBER: dict[str, int] = {"distilbert": 2, "distilroberta": 3, "bertmedium": 4}
+GROUP_KEYS: tuple[str, ...] = ("dataset", "llm", "method")
+# hparams keys that identify a run or how it was executed, not the configuration whose seeds are averaged.
+NON_CONFIG_KEYS: frozenset[str] = frozenset(
+    {"seed", "run_id", "device", "threads", "eval_batch_size", "preload_features", "resume", "progress"})
+PerUserLoader = Callable[[Path], pl.DataFrame]
+
+
+@dataclass
+class Cell:
+    """One table cell: its text, the number used to rank it (None = missing), and its emphasis."""
+
+    text: str
+    value: float | None = None
+    mark: int = 0  # 1 = best (bold), 2 = second best (underlined)
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: leading label columns are plain strings, the rest are cells."""
+
+    key: str
+    title: str
+    header: list[str]
+    rows: list[list[str | Cell]]
+    notes: list[str] = field(default_factory=list)
+
+
+def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    """The distinct ``values`` in the given canonical order, unknown ones after it alphabetically."""
+    present = set(values)
+    return [v for v in order if v in present] + sorted(present - set(order))
+
+
+def dataset_label(name: str) -> str:
+    """Display name of a dataset (Sci, Pantry, … or the name itself)."""
+    return DATASET_LABELS.get(name, name)
+
+
+def llm_label(name: str) -> str:
+    """Display name of an LLM (DistilBERT, … or the name itself)."""
+    return LLM_LABELS.get(name, name)
+
+
+def method_label(name: str) -> str:
+    """Display name of a method (LoRA, ADA, … or the name upper-cased)."""
+    return METHOD_LABELS.get(name, name.upper())
+
+
+def config_key(hparams_json: str | None) -> str:
+    """A run's configuration: its hparams JSON with sorted keys, without the keys in NON_CONFIG_KEYS (seed,
+    run id and execution settings that do not change the model), so that seeds of one setting group together."""
+    try:
+        params = json.loads(hparams_json) if hparams_json else {}
+    except json.JSONDecodeError:
+        return hparams_json or ""
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if k not in NON_CONFIG_KEYS}
+    return json.dumps(params, sort_keys=True)
+
+
+def with_config_key(results: pl.DataFrame) -> pl.DataFrame:
+    """Replace the hparams column by :func:`config_key` of it."""
+    return results.with_columns(pl.col("hparams").map_elements(config_key, return_dtype=pl.String))
+
+
+def summarise(results: pl.DataFrame) -> pl.DataFrame:
+    """One row per (dataset, llm, method): the configuration with the best mean validation R@10.
+
+    Runs whose hparams differ only in NON_CONFIG_KEYS (seed, run_id, device, …) are seeds of one configuration.
+    Columns: dataset, llm, method, hparams (the config key), n_seeds, seeds (list), run_dirs (list), valid_R@10,
+    test_<metric> (means over seeds), seconds_per_epoch (mean), seconds_extrapolated (any), peak_memory_mb
+    (mean), device (the first recorded). Ties on validation R@10 go to more seeds, then to the hparams string, so the choice is stable.
+    """
+    if results.is_empty():
+        return results.select(*GROUP_KEYS, "hparams").with_columns(pl.lit(0).alias("n_seeds"))
+    per_config = (
+        with_config_key(results)
+        .group_by(*GROUP_KEYS, "hparams")
+        .agg(
+            pl.len().alias("n_seeds"),
+            pl.col("seed").alias("seeds"),
+            pl.col("run_dir").alias("run_dirs"),
+            pl.col("valid_R@10").mean(),
+            *(pl.col(f"test_{m}").mean() for m in METRIC_NAMES),
+            pl.col("seconds_per_epoch").mean(),
+            pl.col("seconds_extrapolated").fill_null(False).any(),
+            pl.col("peak_memory_mb").mean(),
+            pl.col("device").drop_nulls().first(),
+        )
+        .sort(["valid_R@10", "n_seeds", "hparams"], descending=[True, True, False], nulls_last=True)
+    )
+    return per_config.unique(subset=list(GROUP_KEYS), keep="first", maintain_order=True).sort(list(GROUP_KEYS))
+
+
+def _lookup(summary: pl.DataFrame) -> dict[tuple[str, str, str], dict]:
+    return {(r["dataset"], r["llm"], r["method"]): r for r in summary.iter_rows(named=True)}
+
+
+def mark_best(cells: Sequence[Cell], *, higher_is_better: bool = True, second: bool = True, digits: int = 4) -> None:
+    """Mark the best cell(s) 1 and the second best 2, comparing values rounded to the shown precision.
+
+    Nothing is marked when fewer than two cells have a value; equal values share a mark.
+    """
+    valued = [c for c in cells if c.value is not None]
+    if len(valued) < 2:
+        return
+    distinct = sorted({round(c.value, digits) for c in valued}, reverse=higher_is_better)
+    for c in valued:
+        v = round(c.value, digits)
+        if v == distinct[0]:
+            c.mark = 1
+        elif second and len(distinct) > 1 and v == distinct[1]:
+            c.mark = 2
+
+
+def _metric_cell(row: dict | None, metric: str) -> Cell:
+    value = None if row is None else row.get(f"test_{metric}")
+    if value is None:
+        return Cell(MISSING)
+    return Cell(f"{value:.4f} ({row['n_seeds']})", value)
+
+
+def _performance_table(key: str, title: str, lookup: dict, llm: str, methods: Sequence[str], datasets: Sequence[str],
+                       second: bool) -> Table:
+    rows: list[list[str | Cell]] = []
+    for ds in datasets:
+        for i, m in enumerate(METRIC_NAMES):
+            cells = [_metric_cell(lookup.get((ds, llm, meth)), m) for meth in methods]
+            mark_best(cells, second=second)
+            rows.append([dataset_label(ds) if i == 0 else "", m, *cells])
+    return Table(key, title, ["Dataset", "Metric", *(method_label(x) for x in methods)], rows)
+
+
+def _datasets_for(summary: pl.DataFrame, llm: str, methods: Sequence[str]) -> list[str]:
+    part = summary.filter((pl.col("llm") == llm) & pl.col("method").is_in(list(methods)))
+    return ordered(part["dataset"].to_list(), DATASET_ORDER)
+
+
+def performance_tables(summary: pl.DataFrame) -> list[Table]:
+    """Tables 2–4: one overall-performance table per LLM that has any main-method run."""
+    lookup = _lookup(summary)
+    tables = []
+    for llm in ordered(summary["llm"].to_list(), LLM_ORDER):
+        datasets = _datasets_for(summary, llm, MAIN_METHODS)
+        if not datasets:
+            continue
+        number = PAPER_TABLE_NUMBER.get(llm)
+        title = f"Table {number}: Overall Performance ({llm_label(llm)})" if number else (
+            f"Overall Performance ({llm_label(llm)}), layout of Tables 2–4")
+        table = _performance_table(f"performance_{llm}", title, lookup, llm, MAIN_METHODS, datasets, second=True)
+        table.notes.append("Test metrics of the configuration with the best validation R@10, mean over seeds (seed count).")
+        tables.append(table)
+    return tables
+
+
+def integration_tables(summary: pl.DataFrame) -> list[Table]:
+    """Table 8: MEAN, WEIGHTED and SSNA per LLM that has a MEAN or WEIGHTED run."""
+    lookup = _lookup(summary)
+    tables = []
+    for llm in ordered(summary["llm"].to_list(), LLM_ORDER):
+        if summary.filter((pl.col("llm") == llm) & pl.col("method").is_in(["mean", "weighted"])).is_empty():
+            continue
+        datasets = _datasets_for(summary, llm, INTEGRATION_METHODS)
+        table = _performance_table(f"integration_{llm}", f"Table 8: Comparison on Integration Strategy ({llm_label(llm)})",
+                                   lookup, llm, INTEGRATION_METHODS, datasets, second=False)
+        table.notes.append("Best of each row in bold.")
+        tables.append(table)
+    return tables
+
+
+def _per_user_by_seed(row: dict, loader: PerUserLoader) -> dict[int, pl.DataFrame] | None:
+    """Per-user test metrics of every seed of a summarised configuration; None if any is missing."""
+    out: dict[int, pl.DataFrame] = {}
+    for seed, run_dir in zip(row["seeds"], row["run_dirs"], strict=True):
+        if run_dir is None:
+            return None
+        try:
+            out[int(seed)] = loader(Path(run_dir))
+        except (FileNotFoundError, ValueError):
+            return None
+    return out
+
+
+def _improvement_cells(lookup: dict, llm: str, base: str, datasets: Sequence[str],
+                       per_user: Callable[[tuple[str, str, str]], dict[int, pl.DataFrame] | None]) -> tuple[dict[str, Cell], bool]:
+    """One Table-5 column: per metric, SSNA's mean improvement over ``base`` across ``datasets``, starred
+    when significant. Returns the cells and whether a t-test was possible (per-user files for every run)."""
+    pairs = []
+    for ds in datasets:
+        ours, theirs = per_user((ds, llm, "ssna")), per_user((ds, llm, base))
+        if ours is None or theirs is None:
+            pairs = None
+            break
+        pairs.append(pair_users(ours, theirs))
+    tests = paired_test_by_metric(pairs) if pairs else {}
+    cells: dict[str, Cell] = {}
+    for m in METRIC_NAMES:
+        gains = [improvement_pct(lookup[(ds, llm, "ssna")][f"test_{m}"], lookup[(ds, llm, base)][f"test_{m}"])
+                 for ds in datasets]
+        gains = [g for g in gains if g is not None]
+        if not gains:
+            cells[m] = Cell(MISSING)
+            continue
+        gain = sum(gains) / len(gains)
+        if m not in tests:
+            suffix = " (no test)"
+        else:
+            diff, p = tests[m]
+            suffix = "*" if is_significant(p, diff) and gain > 0 else ""
+        cells[m] = Cell(f"{gain:.1f}{suffix}", gain)
+    return cells, bool(tests)
+
+
+def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_user) -> Table | None:
+    """Table 5: SSNA's improvement (%) over each baseline, per LLM and metric, averaged over datasets."""
+    lookup = _lookup(summary)
+    llms = ordered(summary.filter(pl.col("method") == "ssna")["llm"].to_list(), LLM_ORDER)
+    if not llms:
+        return None
+    notes = [
+        "Mean over datasets of (SSNA − baseline) / baseline × 100 on the seed-mean test metrics.",
+        f"* = positive and significant at the paper's 85% level: paired two-sided t-test over users, p < {SIGNIFICANCE_ALPHA}"
+        " (per-user metrics averaged over matched seeds, users of all datasets pooled).",
+    ]
+    cache: dict[tuple[str, str, str], dict[int, pl.DataFrame] | None] = {}
+
+    def per_user(key: tuple[str, str, str]) -> dict[int, pl.DataFrame] | None:
+        if key not in cache:
+            cache[key] = _per_user_by_seed(lookup[key], loader)
+        return cache[key]
+
+    rows: list[list[str | Cell]] = []
+    untested: list[str] = []
+    for llm in llms:
+        ssna_datasets = _datasets_for(summary, llm, ("ssna",))
+        columns: list[dict[str, Cell]] = []
+        covered: dict[str, str] = {}
+        for base in BASELINES:
+            datasets = [ds for ds in ssna_datasets if (ds, llm, base) in lookup]
+            cells, tested = _improvement_cells(lookup, llm, base, datasets, per_user)
+            columns.append(cells)
+            if datasets:
+                covered[method_label(base)] = ", ".join(dataset_label(d) for d in datasets)
+                if not tested:
+                    untested.append(f"{llm_label(llm)}/{method_label(base)}")
+        if len(set(covered.values())) == 1:
+            notes.append(f"{llm_label(llm)}: averaged over {next(iter(covered.values()))}.")
+        else:
+            notes.extend(f"{llm_label(llm)} vs {b}: averaged over {d}." for b, d in covered.items())
+        for i, m in enumerate(METRIC_NAMES):
+            rows.append([llm_label(llm) if i == 0 else "", m, *(col[m] for col in columns)])
+    if untested:
+        notes.append(f"(no test): some run lacks test_per_user.parquet, so no t-test for {', '.join(untested)}.")
+    return Table("improvement", "Table 5: Performance Improvement of SSNA (%)",
+                 ["LLMs", "Metric", *(method_label(b) for b in BASELINES)], rows, notes)
+
+
+def _efficiency_table(summary: pl.DataFrame, key: str, title: str, column: str,
+                      fmt: Callable[[dict], str]) -> Table | None:
+    part = summary.filter(pl.col(column).is_not_null())
+    if part.is_empty():
+        return None
+    lookup = _lookup(part)
+    datasets = ordered(part["dataset"].to_list(), DATASET_ORDER)
+    rows: list[list[str | Cell]] = []
+    for llm in ordered(part["llm"].to_list(), LLM_ORDER):
+        methods = ordered(part.filter(pl.col("llm") == llm)["method"].to_list(), METHOD_ORDER)
+        grid = [[Cell(fmt(r), r[column]) if (r := lookup.get((ds, llm, meth))) else Cell(MISSING) for ds in datasets]
+                for meth in methods]
+        for j in range(len(datasets)):
+            mark_best([grid[i][j] for i in range(len(methods))], higher_is_better=False, second=False, digits=6)
+        for i, meth in enumerate(methods):
+            rows.append([llm_label(llm) if i == 0 else "", method_label(meth), *grid[i]])
+    devices = sorted({d for d in summary_devices(part) if d})
+    notes = ["Best (lowest) of each LLM and dataset in bold."]
+    if devices:
+        notes.append(f"Measured on: {', '.join(devices)}.")
+    return Table(key, title, ["LLMs", "Method", *(dataset_label(d) for d in datasets)], rows, notes)
+
+
+def summary_devices(summary: pl.DataFrame) -> list[str]:
+    """Devices recorded for the summarised runs (needs a 'device' column; empty if absent)."""
+    return summary["device"].drop_nulls().unique().to_list() if "device" in summary.columns else []
+
+
+def runtime_table(summary: pl.DataFrame) -> Table | None:
+    """Table 6: seconds per epoch, ``†`` when extrapolated from a bounded run."""
+    table = _efficiency_table(
+        summary, "runtime", "Table 6: Comparison on Runtime per Epoch (second)", "seconds_per_epoch",
+        lambda r: f"{r['seconds_per_epoch']:.1f}{EXTRAPOLATED_MARK if r['seconds_extrapolated'] else ''}",
+    )
+    if table is not None:
+        table.notes.append(f"{EXTRAPOLATED_MARK} = extrapolated from the measured steps of a bounded run.")
+        table.notes.extend(speedup_notes(summary))
+    return table
+
+
+def memory_table(summary: pl.DataFrame) -> Table | None:
+    """Table 7: peak memory in GB (CUDA max allocated on GPU, process peak RSS on CPU)."""
+    table = _efficiency_table(
+        summary, "memory", "Table 7: Comparison on Peak Memory Usage (GB)", "peak_memory_mb",
+        lambda r: f"{r['peak_memory_mb'] / 1024:.2f}",
+    )
+    if table is not None:
+        table.notes.append("GB = MiB / 1024: CUDA max allocated on GPU, process peak RSS on CPU.")
+    return table
+
+
+def speedup_notes(summary: pl.DataFrame) -> list[str]:
+    """Per LLM and dataset: each other method's seconds per epoch divided by SSNA's."""
+    lookup = _lookup(summary)
+    notes = []
+    keys = [(ds, llm) for llm in ordered(summary["llm"].to_list(), LLM_ORDER)
+            for ds in ordered(summary["dataset"].to_list(), DATASET_ORDER)]
+    for ds, llm in keys:
+        row = lookup.get((ds, llm, "ssna"))
+        if row is None or not row["seconds_per_epoch"]:
+            continue
+        ratios = [
+            f"{method_label(o)} {lookup[(ds, llm, o)]['seconds_per_epoch'] / row['seconds_per_epoch']:.1f}×"
+            for o in METHOD_ORDER
+            if o != "ssna" and (ds, llm, o) in lookup and lookup[(ds, llm, o)]["seconds_per_epoch"] is not None
+        ]
+        if ratios:
+            notes.append(f"{dataset_label(ds)}/{llm_label(llm)}, time per epoch relative to SSNA: {', '.join(ratios)}.")
+    return notes
+
+
+def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: Sequence[str] | None) -> pl.DataFrame:
+    """Keep the rows of the given datasets and LLMs (all when None or empty)."""
+    if datasets:
+        results = results.filter(pl.col("dataset").is_in(list(datasets)))
+    if llms:
+        results = results.filter(pl.col("llm").is_in(list(llms)))
+    return results
+
+
+def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None, llms: Sequence[str] | None = None,
+                 per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
+    """All tables that the given results support, filtered to ``datasets`` / ``llms`` when given."""
+    results = filter_results(results, datasets, llms)
+    summary = summarise(results)
+    if summary.is_empty():
+        return []
+    tables = performance_tables(summary)
+    tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
+    tables += integration_tables(summary)
+    return tables
+
+
+def _cell_text(cell: str | Cell, markdown: bool) -> str:
+    if isinstance(cell, str):
+        return cell
+    if markdown:
+        return f"**{cell.text}**" if cell.mark == 1 else f"<u>{cell.text}</u>" if cell.mark == 2 else cell.text
+    return cell.text + (" ▲" if cell.mark == 1 else " △" if cell.mark == 2 else "")
+
+
+def render_markdown(table: Table) -> str:
+    """The table as GitHub markdown: a heading, a pipe table (bold best, underlined second), notes."""
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(table.header))) + "|"]
+    lines += ["| " + " | ".join(_cell_text(c, True) for c in row) + " |" for row in table.rows]
+    if table.notes:
+        lines += [""] + [f"{n}  " for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_text(table: Table) -> str:
+    """The table as aligned plain text; best marked ▲, second △."""
+    body = [table.header] + [[_cell_text(c, False) for c in row] for row in table.rows]
+    widths = [max(len(r[i]) for r in body) for i in range(len(table.header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+
+    out = [table.title, line(body[0]), "-" * len(line(body[0]))] + [line(r) for r in body[1:]]
+    marks = any(isinstance(c, Cell) and c.mark for row in table.rows for c in row)
+    notes = table.notes + (["▲ best, △ second best."] if marks else [])
+    return "\n".join(out + notes) + "\n"
+
+
+def write_tables(tables: Sequence[Table], out_dir: Path) -> list[Path]:
+    """Write all tables to ``out_dir``/tables.md and tables.txt (atomically); return both paths."""
+    out_dir = Path(out_dir)
+    md = "\n".join(render_markdown(t) for t in tables)
+    txt = "\n".join(render_text(t) for t in tables)
+    paths = [out_dir / "tables.md", out_dir / "tables.txt"]
+    write_text_atomic(md, paths[0])
+    write_text_atomic(txt, paths[1])
+    return paths
+
+
+def hparam(hparams_json: str | None, name: str) -> object:
+    """One hyper-parameter from a row's JSON ``hparams`` string (None if absent or unparsable)."""
+    if not hparams_json:
+        return None
+    try:
+        return json.loads(hparams_json).get(name)
+    except (json.JSONDecodeError, AttributeError):
+        return None
