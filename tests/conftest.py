@@ -11,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SSNAREC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP threads stall on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

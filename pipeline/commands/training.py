@@ -1,9 +1,74 @@
-"""Command group (filled in by its own change)."""
+"""``ssnarec train``: one stage-two (or end-to-end baseline) run from the cached embeddings."""
 
 from __future__ import annotations
 
 import typer
 
+from train.config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+_PAPER = "default: the paper's Tables S1–S3 for this dataset × LLM"
+
+
+def train_cmd(
+    method: str = typer.Option(_DEFAULTS.method, "--method", "-m", help="ssna, tmoe, tmlp, mean, weighted, lora, "
+                               "adalora or full."),
+    dataset: str = typer.Option(_DEFAULTS.dataset, "--dataset", "-d", help="Prepared dataset name."),
+    llm: str = typer.Option(_DEFAULTS.llm, "--llm", "-l", help="LLM whose stored layers (or weights) are used."),
+    a: int | None = typer.Option(None, "--a", help=f"Top LLM layers adapted (ssna/mean/weighted); {_PAPER}."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help=f"Training batch size; {_PAPER}."),
+    n_l: int | None = typer.Option(None, "--n-l", help=f"TMLP layers; {_PAPER}."),
+    p: float | None = typer.Option(None, "--p", help=f"LoRA/AdaLoRA dropout; {_PAPER}."),
+    n_t: int | None = typer.Option(None, "--n-t", help=f"Full: top layers fine-tuned; {_PAPER}."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Batches per optimiser step; default 8 for "
+                                          "lora/adalora/full (paper), else 1."),
+    gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
+                                  "(Eq. 4) or bottom_up."),
+    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help="inbatch (Eq. 8) or full (softmax over all items)."),
+    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
+    max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
+    patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
+                                 "before stopping."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps "
+                                         "(bounded run; epoch time extrapolated and flagged)."),
+    limit_users: int | None = typer.Option(None, "--limit-users", help="Use only the first N users (bounded run)."),
+    seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Random seed."),
+    bucket: bool = typer.Option(_DEFAULTS.bucket_by_length, "--bucket/--no-bucket", help="Batch histories of "
+                                "similar length together."),
+    exclude_history: bool = typer.Option(_DEFAULTS.exclude_history, "--exclude-history/--keep-history",
+                                         help="MoRec's protocol (seen items are not candidates) or RecBole's."),
+    device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
+    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off or bf16."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice)."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Run folder name (default: derived from settings)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the run's previous state and start over."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train one method; writes runs/<run-id>/ and appends a row to the results store."""
+    from pipeline.datasets import DatasetError
+    from pipeline.stages import StageError, run_training
+    from train.loop import RunStateError
+
+    cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
+                      grad_accum=grad_accum, gru_order=gru_order, loss=loss, lr=lr, max_epochs=max_epochs,
+                      patience=patience, max_steps=max_steps, limit_users=limit_users, seed=seed,
+                      bucket_by_length=bucket, exclude_history=exclude_history, device=device, autocast=autocast,
+                      threads=threads, run_id=run_id)
+    try:
+        result = run_training(cfg, resume=resume, restart=restart, progress=progress)
+    except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    row = result.row
+    state = "already finished; nothing trained (use --restart to train again)" if result.skipped else "finished"
+    metrics = "  ".join(f"{m} {row[f'test_{m}']:.4f}" for m in ("R@10", "R@50", "N@10", "N@50"))
+    extrapolated = " (extrapolated from a bounded run)" if row.get("seconds_extrapolated") else ""
+    typer.echo(f"{row['run_id']}: {state}\n  test  {metrics}\n  best epoch {row['best_epoch']} of "
+               f"{row['epochs']}, {row['seconds_per_epoch']:.2f} s per epoch{extrapolated}, peak memory "
+               f"{row['peak_memory_mb']:.0f} MiB\n  {result.run_dir}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add ``train`` to the top-level app."""
+    app.command("train")(train_cmd)

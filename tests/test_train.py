@@ -1,0 +1,266 @@
+"""Stage two: every store-based method in the registry, the SASRec invariants, training and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from train import METHODS, ItemInputs, TrainConfig, fit, leave_one_out
+from train.data import Batch
+from train.hparams import method_defaults
+from train.loop import build_model, resolve
+from train.methods import SSNAEncoder
+from train.modules import MoEAdapters, SASRec
+
+STORE_METHODS = [name for name, m in METHODS.items() if not m.uses_llm]
+N_ITEMS, N_LAYERS, HIDDEN = 40, 4, 24
+
+
+def tiny_cfg(method: str = "ssna", **kw) -> TrainConfig:
+    base = dict(method=method, dataset="toy", llm="tiny", d=16, inner_size=32, n_experts=4, a=2, n_l=2,
+                batch_size=16, max_epochs=3, patience=5, eval_batch_size=64, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def features() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((N_ITEMS, N_LAYERS, HIDDEN)).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def sequences() -> list[np.ndarray]:
+    """Users walk the catalogue in steps of one or two: the next item is learnable from the last."""
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(60):
+        start, steps = rng.integers(N_ITEMS), rng.integers(1, 3, size=rng.integers(4, 12))
+        out.append(((start + np.concatenate([[0], np.cumsum(steps)])) % N_ITEMS).astype(np.int32))
+    return out
+
+
+def inputs_for(features: np.ndarray) -> ItemInputs:
+    return ItemInputs(N_ITEMS, layers=lambda a: features[:, :a])
+
+
+def make_batch(histories: list[list[int]], targets: list[int]) -> Batch:
+    lengths = [len(h) for h in histories]
+    padded = [h + [0] * (max(lengths) - len(h)) for h in histories]
+    return Batch(torch.tensor(padded), torch.tensor(lengths), torch.tensor(targets), torch.arange(len(targets)))
+
+
+# ---------------------------------------------------------------- split
+def test_leave_one_out_by_hand():
+    split = leave_one_out([np.array([5, 6, 7, 8, 9]), np.array([1, 2, 3])], n_items=10, max_len=2)
+    train = split.train.batch(np.arange(len(split.train)))
+    # user 0: targets 6 (hist [5]) and 7 (hist [5, 6]); user 1 has no training rows
+    assert train.targets.tolist() == [6, 7]
+    assert train.history.tolist() == [[5, 0], [5, 6]] and train.lengths.tolist() == [1, 2]
+    valid = split.valid.batch(np.arange(2))
+    assert valid.targets.tolist() == [8, 2] and valid.history.tolist() == [[6, 7], [1, 0]]
+    test = split.test.batch(np.arange(2))
+    assert test.targets.tolist() == [9, 3] and test.history.tolist() == [[7, 8], [1, 2]]   # cut to max_len
+
+
+def test_leave_one_out_rejects_short_users():
+    with pytest.raises(ValueError, match="fewer than 3"):
+        leave_one_out([np.array([1, 2])], n_items=5)
+
+
+# ---------------------------------------------------------------- hyper-parameters as data
+def test_paper_tables_fill_unset_fields():
+    assert method_defaults("ssna", "distilbert", "sci")[0] == {"batch_size": 256, "a": 3, "grad_accum": 1}
+    assert method_defaults("ssna", "distilroberta", "sci")[0]["batch_size"] == 64
+    assert method_defaults("tmlp", "bertmedium", "ins")[0]["n_l"] == 3
+    assert method_defaults("lora", "distilbert", "pantry")[0] == {"batch_size": 32, "grad_accum": 8, "p": 0.3}
+    assert method_defaults("ssna", "minilm", "sci")[1].endswith("(alias of minilm)")
+    assert "fallback" in method_defaults("ssna", "minilm", "ml100k")[1]
+    cfg, _ = resolve(TrainConfig(method="ssna", llm="distilbert", dataset="tools", a=2))
+    assert (cfg.a, cfg.batch_size) == (2, 256)     # a flag given by the user wins over the table
+
+
+# ---------------------------------------------------------------- modules
+def test_gating_noise_only_in_training():
+    torch.manual_seed(0)
+    adapters = MoEAdapters(2, HIDDEN, 8, n_experts=4, dropout=0.0)
+    torch.nn.init.normal_(adapters.gate)          # non-zero B and U so the noise matters
+    h = torch.randn(5, 2, HIDDEN)
+    adapters.eval()
+    assert torch.equal(adapters(h), adapters(h))
+    adapters.train()
+    assert not torch.allclose(adapters(h), adapters(h))
+    adapters.noise = False
+    assert torch.equal(adapters(h), adapters(h))
+
+
+def test_adapter_matches_equations_1_to_3():
+    torch.manual_seed(0)
+    adapters = MoEAdapters(2, HIDDEN, 8, n_experts=3, dropout=0.0).eval()
+    for p in adapters.parameters():
+        torch.nn.init.normal_(p)
+    h = torch.randn(4, 2, HIDDEN)
+    out = adapters(h)
+    for m in range(2):
+        w = adapters.weight[m].view(HIDDEN, 3, 8)
+        heads = torch.stack([(h[:, m] - adapters.shift[m, k]) @ w[:, k] for k in range(3)], dim=1)   # Eq. 1
+        gates = torch.softmax(h[:, m] @ adapters.gate[m, :, :3], dim=-1)                             # Eq. 2-3
+        torch.testing.assert_close(out[:, m], (gates[..., None] * heads).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_gru_order_option(features):
+    h = torch.from_numpy(features[:6, :3]).float()
+    torch.manual_seed(0)
+    top_down = SSNAEncoder(tiny_cfg(a=3), HIDDEN).eval()
+    bottom_up = SSNAEncoder(tiny_cfg(a=3, gru_order="bottom_up"), HIDDEN).eval()
+    bottom_up.load_state_dict(top_down.state_dict())
+    assert not torch.allclose(top_down.encode(h), bottom_up.encode(h))
+    # bottom-up = the GRU fed z^{a-1} first: the same as top-down over the reversed adapter outputs
+    z = top_down.adapters(h)
+    _, last = top_down.gru(z.flip(1))
+    torch.testing.assert_close(bottom_up.encode(h), last[-1])
+    with pytest.raises(ValueError, match="gru_order"):
+        SSNAEncoder(tiny_cfg(gru_order="sideways"), HIDDEN)
+
+
+def test_sasrec_has_no_padding_or_future_leak():
+    torch.manual_seed(0)
+    sasrec = SASRec(16, 2, 2, 32, 0.0, 0.0, max_len=10).eval()
+    seq = torch.randn(2, 6, 16)
+    lengths = torch.tensor([3, 6])
+    packed = seq[torch.arange(6)[None, :] < lengths[:, None]]
+    out = sasrec(packed, lengths)
+    # the first user, alone and without any padding, gets the same intent: padding never leaks in
+    torch.testing.assert_close(out[0], sasrec(seq[0, :3], torch.tensor([3]))[0], rtol=1e-5, atol=1e-5)
+    # the intent after 3 items does not depend on items 4..6 of the same history: no future leak
+    cut = sasrec(seq[1, :3], torch.tensor([3]))[0]
+    changed = seq[1].clone()
+    changed[3:] = torch.randn(3, 16)
+    assert torch.allclose(cut, sasrec(changed[:3], torch.tensor([3]))[0])
+    assert not torch.allclose(out[1], sasrec(changed, torch.tensor([6]))[0])
+
+
+def test_last_position_shortcut_equals_full_layer():
+    torch.manual_seed(0)
+    sasrec = SASRec(16, 2, 2, 32, 0.0, 0.0, max_len=10).eval()
+    lengths = torch.tensor([2, 5, 1])
+    real = torch.arange(5)[None, :] < lengths[:, None]
+    x = torch.randn(int(lengths.sum()), 16)
+    last = torch.cumsum(lengths, 0) - 1
+    full = sasrec.layers[0](x, real)[last]
+    torch.testing.assert_close(sasrec.layers[0](x, real, last), full, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- every method in the registry
+@pytest.mark.parametrize("method", STORE_METHODS)
+def test_shapes_and_determinism(method, features):
+    cfg, _ = resolve(tiny_cfg(method))
+    batch = make_batch([[1, 2, 3], [4], [5, 6]], [7, 8, 9])
+    model = build_model(cfg, inputs_for(features), torch.device("cpu"))
+    again = build_model(cfg, inputs_for(features), torch.device("cpu"))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True))
+    users, targets = model(batch)
+    assert users.shape == (3, cfg.d) and targets.shape == (3, cfg.d)
+    loss = model.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    model.eval()
+    vectors = model.item_vectors()
+    assert vectors.shape == (N_ITEMS, cfg.d)
+    intents = model.predict(batch, vectors)
+    assert intents.shape == (3, cfg.d)
+    torch.testing.assert_close(intents.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("method", STORE_METHODS)
+def test_only_the_needed_layers_are_read(method, features):
+    asked = []
+
+    def layers(a):
+        asked.append(a)
+        return features[:, :a]
+
+    cfg, _ = resolve(tiny_cfg(method, a=3))
+    build_model(cfg, ItemInputs(N_ITEMS, layers=layers), torch.device("cpu"))
+    assert asked == [3 if method in ("ssna", "mean", "weighted") else 1]
+
+
+def test_inbatch_loss_masks_duplicate_positives(features):
+    cfg, _ = resolve(tiny_cfg("tmoe"))
+    model = build_model(cfg, inputs_for(features), torch.device("cpu")).eval()
+    batch = make_batch([[1, 2], [3], [4, 5]], [7, 7, 9])
+    users, targets = model(batch)
+    u = torch.nn.functional.normalize(users, dim=-1)
+    v = torch.nn.functional.normalize(targets, dim=-1)
+    logits = u @ v.T / cfg.temperature
+    expected = torch.stack([
+        -torch.log_softmax(logits[0, [0, 2]], 0)[0],          # row 0 ignores row 1's copy of item 7
+        -torch.log_softmax(logits[1, [1, 2]], 0)[0],
+        -torch.log_softmax(logits[2], 0)[2],
+    ]).mean()
+    torch.testing.assert_close(model.loss(batch), expected)
+
+
+@pytest.mark.parametrize("loss", ["inbatch", "full"])
+def test_loss_falls_on_a_tiny_synthetic_set(loss, features, sequences):
+    cfg, _ = resolve(tiny_cfg("ssna", loss=loss, hidden_dropout=0.0, attn_dropout=0.0, adapter_dropout=0.0))
+    split = leave_one_out(sequences, N_ITEMS)
+    model = build_model(cfg, inputs_for(features), torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    everything = split.train.batch(np.arange(len(split.train)))
+    first = model.loss(everything).item()
+    for _ in range(40):
+        for batch in split.train.batches(32, np.random.default_rng(0)):
+            opt.zero_grad()
+            model.loss(batch).backward()
+            opt.step()
+    assert model.loss(everything).item() < 0.7 * first
+
+
+# ---------------------------------------------------------------- the loop
+def test_fit_writes_the_run_and_resumes_exactly(tmp_path, features, sequences):
+    split = leave_one_out(sequences, N_ITEMS)
+    cfg = tiny_cfg("ssna", max_epochs=3, patience=10)
+    whole = fit(cfg, split, inputs_for(features), tmp_path / "a", results_path=tmp_path / "a.parquet",
+                progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, on_epoch=die)
+    run_dir = tmp_path / "b" / resolve(cfg)[0].run_key()
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
+    with pytest.raises(RuntimeError, match="--resume"):
+        fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False)
+    resumed = fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, resume=True)
+    assert resumed.resumed_from == 2
+    for key in ("test_R@10", "test_N@50", "valid_R@10", "best_epoch", "epochs"):
+        assert resumed.row[key] == whole.row[key], key
+    import polars as pl
+    a = pl.read_parquet(whole.run_dir / "epochs.parquet").drop("seconds", "epoch_seconds")
+    b = pl.read_parquet(resumed.run_dir / "epochs.parquet").drop("seconds", "epoch_seconds")
+    assert a.equals(b)
+    assert json.loads((whole.run_dir / "result.json").read_text())["run_id"] == whole.row["run_id"]
+    assert pl.read_parquet(tmp_path / "a.parquet").height == 1
+    again = fit(cfg, split, inputs_for(features), tmp_path / "a", progress=False)
+    assert again.skipped and again.row["test_R@10"] == whole.row["test_R@10"]
+
+
+def test_trained_model_beats_chance(tmp_path, features, sequences):
+    split = leave_one_out(sequences, N_ITEMS)
+    cfg = tiny_cfg("tmoe", max_epochs=15, patience=15, hidden_dropout=0.1, attn_dropout=0.1, lr=3e-3)
+    row = fit(cfg, split, inputs_for(features), tmp_path, progress=False).row
+    assert row["test_R@10"] > 2 * 10 / N_ITEMS      # chance is 10 / 40
+
+
+def test_bounded_run_extrapolates_and_says_so(tmp_path, features, sequences):
+    split = leave_one_out(sequences, N_ITEMS)
+    cfg = tiny_cfg("tmlp", batch_size=8, max_steps=3, max_epochs=5)
+    row = fit(cfg, split, inputs_for(features), tmp_path, progress=False).row
+    assert row["seconds_extrapolated"] is True and row["epochs"] == 1

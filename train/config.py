@@ -1,0 +1,95 @@
+"""The one typed configuration of a stage-two run: one field per setting, each with its type and meaning.
+
+Fields left as ``None`` are filled from the paper's best hyper-parameters (``train.hparams``, Tables S1–S3) for
+the run's dataset × LLM, or from ``FALLBACK`` where the paper has no row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # --- what is trained
+    method: str = "ssna"              # registry name: ssna | tmoe | tmlp | mean | weighted (train.methods.METHODS)
+    dataset: str = "sci"              # canonical dataset name (pipeline.datasets)
+    llm: str = "minilm"               # stage-one store key (featurestore.LLMS name or a model folder)
+    seed: int = 0                     # seeds parameter init, dropout, gating noise and shuffling
+
+    # --- item side (adapters over frozen LLM layers)
+    a: int | None = None              # number of top LLM layers adapted (SSNA/MEAN/WEIGHTED; paper: {2, 3})
+    n_experts: int = 8                # n_p, projection heads per adapter (paper: 8)
+    adapter_dropout: float = 0.2      # dropout on h before the whitening shift (UniSRec's adaptor_dropout_prob)
+    gate_noise: bool = True           # Gaussian routing noise in training (Eq. 2–3); never at evaluation
+    gru_order: str = "top_down"       # SSNA integration order: top_down (Eq. 4: z^0 = top layer first) | bottom_up
+    n_l: int | None = None            # TMLP depth (paper: {1, 2, 3})
+
+    # --- end-to-end baselines (LLM in the loop)
+    p: float | None = None            # LoRA / AdaLoRA dropout (paper: {0.1, 0.2, 0.3})
+    n_t: int | None = None            # Full: top transformer layers fine-tuned (paper: {2, 4, 6})
+    lora_r: int = 8                   # LoRA rank; AdaLoRA's target average rank
+    lora_alpha: int = 16              # LoRA scaling numerator (scale = alpha / r)
+    adalora_init_r: int = 12          # AdaLoRA starting rank per matrix, pruned towards lora_r
+    max_tokens: int = 64              # item text length in tokens for the in-loop LLM (as stage one)
+    grad_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more time)
+
+    # --- user side (SASRec)
+    d: int = 256                      # item / user embedding size (paper: 256)
+    n_layers: int = 2                 # self-attention layers (paper: 2)
+    n_heads: int = 2                  # attention heads (paper: 2)
+    inner_size: int = 256             # feed-forward width inside each Transformer layer (RecBole default)
+    hidden_dropout: float = 0.5       # dropout on embeddings and sub-layer outputs (UniSRec default)
+    attn_dropout: float = 0.5         # dropout on attention weights (UniSRec default)
+    max_len: int = 50                 # history length fed to SASRec: the last 50 items (paper)
+
+    # --- objective
+    temperature: float = 0.07         # τ in Eq. 8
+    loss: str = "inbatch"             # inbatch (Eq. 8: other sequences' targets are negatives) | full (softmax over all items)
+
+    # --- optimisation
+    lr: float = 3e-4                  # Adam learning rate (paper)
+    weight_decay: float = 0.0         # Adam weight decay
+    batch_size: int | None = None     # b, training examples per step (paper: {32, 64, 128, 256})
+    grad_accum: int | None = None     # batches per optimiser step (paper: 8 for LoRA/AdaLoRA/Full, else 1)
+    max_steps: int | None = None      # stop after this many optimiser steps in all (bounded run; epoch time extrapolated)
+    limit_users: int | None = None    # train and evaluate on the first N users only (bounded run)
+    max_epochs: int = 300             # hard cap on epochs
+    patience: int = 10                # epochs without a better validation R@10 before stopping
+    bucket_by_length: bool = False    # batch examples of similar history length together (less padding)
+    preload_features: bool = True     # copy the top-a layers into RAM (else gather rows from the memory map per batch)
+
+    # --- evaluation
+    exclude_history: bool = False     # MoRec's protocol: items in the history are not candidates (default: RecBole's)
+    eval_batch_size: int = 4096       # users scored at once in full ranking
+
+    # --- execution
+    device: str = "auto"              # auto (cuda when present) | cpu | cuda | cuda:N
+    autocast: str = "off"             # off | bf16 (bf16 autocast for the matmuls; on GPU or CPUs that support it)
+    threads: int | None = None        # torch intra-op threads on CPU (None: torch's default)
+    run_id: str | None = None         # folder name under runs/; default derived from the settings (see run_key)
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags recorded with the run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    def run_key(self) -> str:
+        """A stable run id: dataset, LLM, method, seed and a short hash of every result-changing setting."""
+        skip = {"run_id", "device", "threads", "eval_batch_size", "preload_features", "extra"}
+        payload = {k: v for k, v in sorted(self.to_dict().items()) if k not in skip}
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+        llm = self.llm.replace("/", "_")
+        return f"{self.dataset}_{llm}_{self.method}_s{self.seed}_{digest}"

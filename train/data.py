@@ -1,0 +1,121 @@
+"""From chronological user sequences to training, validation and test examples (leave-one-out).
+
+For a user with items s_0 … s_{n−1} (n ≥ 3): the last item is the test target, the second last the validation
+target, and every prefix of the rest is a training example (UniSRec's rows): target s_t with history
+s_{max(0, t−L)} … s_{t−1} for t = 1 … n−3, where L is the history length (50 in the paper). Nothing is stored
+twice: examples are (user, target position) pairs over one concatenated item array, and batches are cut from it
+with vectorised indexing and padded on the right to the longest history in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """A right-padded batch: ``history[i, :lengths[i]]`` are real items (padding is item 0, never read)."""
+
+    history: torch.Tensor   # [B, L] int64 item_idx
+    lengths: torch.Tensor   # [B] int64, ≥ 1
+    targets: torch.Tensor   # [B] int64 item_idx
+    users: torch.Tensor     # [B] int64 user_idx
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.history, self.lengths, self.targets, self.users)))
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def real(self) -> torch.Tensor:
+        """``[B, L]`` True at real (non-padding) history positions."""
+        steps = torch.arange(self.history.shape[1], device=self.history.device)
+        return steps[None, :] < self.lengths[:, None]
+
+
+class Examples:
+    """A set of (user, target position) examples over concatenated sequences."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, users: np.ndarray, positions: np.ndarray,
+                 max_len: int):
+        self.items, self.offsets, self.max_len = items, offsets, max_len
+        self.users = users.astype(np.int64)
+        self.positions = positions.astype(np.int64)
+        self.lengths = np.minimum(self.positions, max_len)
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def batch(self, index: np.ndarray) -> Batch:
+        """Examples ``index`` as one batch, padded to its longest history."""
+        users, pos, lengths = self.users[index], self.positions[index], self.lengths[index]
+        target_at = self.offsets[users] + pos
+        width = int(lengths.max())
+        steps = np.arange(width)
+        real = steps[None, :] < lengths[:, None]
+        gather = np.where(real, (target_at - lengths)[:, None] + steps[None, :], 0)
+        history = np.where(real, self.items[gather], 0)
+        return Batch(torch.from_numpy(history.astype(np.int64)), torch.from_numpy(lengths.copy()),
+                     torch.from_numpy(self.items[target_at].astype(np.int64)), torch.from_numpy(users.copy()))
+
+    def histories(self) -> list[np.ndarray]:
+        """Each example's history as an array (for MoRec-style exclusion of seen items)."""
+        starts = self.offsets[self.users] + self.positions - self.lengths
+        return [self.items[s:s + n] for s, n in zip(starts, self.lengths, strict=True)]
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None, bucket: bool = False,
+                drop_last: bool = False) -> Iterator[Batch]:
+        """All examples once, in batches: shuffled by ``rng`` (in order when None); ``bucket`` groups similar
+        lengths (shuffle, sort within windows of 50 batches, shuffle the batches)."""
+        order = np.arange(len(self)) if rng is None else rng.permutation(len(self))
+        if bucket and rng is not None:
+            window = batch_size * 50
+            order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                                    for chunk in np.array_split(order, max(1, len(order) // window))])
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if drop_last and chunks and len(chunks[-1]) < batch_size:
+            chunks.pop()
+        if bucket and rng is not None:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        for chunk in chunks:
+            yield self.batch(chunk)
+
+
+@dataclass
+class Split:
+    """Leave-one-out split of every user's sequence."""
+
+    train: Examples
+    valid: Examples
+    test: Examples
+    n_items: int
+    n_users: int
+
+
+def leave_one_out(sequences: Sequence[np.ndarray], n_items: int, max_len: int = 50) -> Split:
+    """Derive the split; users with fewer than 3 items are an error (the dataset layer filters them)."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    if len(lengths) == 0:
+        raise ValueError("no user sequences")
+    short = np.flatnonzero(lengths < 3)
+    if short.size:
+        raise ValueError(f"{short.size} users have fewer than 3 items (first: user_idx {short[0]}); "
+                         "leave-one-out needs at least 3 (re-run `ssnarec data prepare`)")
+    items = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
+    if items.min() < 0 or items.max() >= n_items:
+        raise ValueError(f"item_idx outside 0..{n_items - 1} in sequences")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    users = np.arange(len(lengths))
+    n_train = lengths - 3                                   # targets at positions 1 … n−3
+    train_users = np.repeat(users, n_train)
+    train_pos = np.arange(n_train.sum()) - np.repeat(np.cumsum(n_train) - n_train, n_train) + 1
+    return Split(
+        train=Examples(items, offsets, train_users, train_pos, max_len),
+        valid=Examples(items, offsets, users, lengths - 2, max_len),
+        test=Examples(items, offsets, users, lengths - 1, max_len),
+        n_items=n_items, n_users=len(lengths),
+    )

@@ -1,0 +1,236 @@
+"""Training a stage-two method to early stop, with atomic per-epoch checkpoints and exact resume.
+
+Reproducibility: parameters are initialised from ``seed``; epoch e re-seeds torch (dropout, gating noise) and
+the shuffling generator from (seed, e), so a run resumed from the checkpoint of epoch e − 1 continues exactly
+as the uninterrupted run would have (on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from evaluate.metrics import METRIC_NAMES, full_ranking, mean_metrics
+from evaluate.results import (
+    CONFIG_FILE,
+    EPOCHS_FILE,
+    RESULT_FILE,
+    append_result,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_per_user,
+)
+from train.config import TrainConfig
+from train.data import Examples, Split
+from train.hparams import method_defaults
+from train.methods import ItemInputs, get_method
+from train.model import SequentialRecommender
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+SELECT_METRIC = "R@10"
+
+
+class RunStateError(RuntimeError):
+    """A run folder is in a state the request does not fit (e.g. interrupted, and --resume not given)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    row: dict[str, Any]            # the results-store row (also result.json)
+    resumed_from: int = 0          # epochs already done when this process started
+    skipped: bool = False          # the run had finished before; nothing was trained
+
+
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """Fill unset fields (batch size, a, n_l) from the paper's tables; return the config and their source."""
+    picks, source = method_defaults(cfg.method, cfg.llm, cfg.dataset)
+    values = cfg.to_dict()
+    for key, value in picks.items():
+        if key in values and values[key] is None:
+            values[key] = value
+    return TrainConfig.from_dict(values), source
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU; otherwise the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.autocast == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.autocast != "off":
+        raise ValueError(f"autocast must be off or bf16, got {cfg.autocast!r}")
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: TrainConfig,
+                      device: torch.device) -> dict[str, np.ndarray]:
+    """Full-ranking per-user metrics of ``examples`` (one per user) under the model in eval mode."""
+    model.eval()
+    vectors = model.item_vectors().float()
+    users = torch.cat([model.predict(batch.to(device), vectors)
+                       for batch in examples.batches(cfg.eval_batch_size)])
+    targets = torch.from_numpy(examples.items[examples.offsets[examples.users] + examples.positions])
+    return full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
+                        histories=examples.histories() if cfg.exclude_history else None,
+                        exclude_history=cfg.exclude_history, batch_size=cfg.eval_batch_size)
+
+
+def build_model(cfg: TrainConfig, inputs: ItemInputs, device: torch.device) -> SequentialRecommender:
+    """The method's item encoder plus SASRec, initialised from cfg.seed (cfg already resolved)."""
+    torch.manual_seed(cfg.seed)
+    encoder = get_method(cfg.method).build(cfg, inputs, device)
+    return SequentialRecommender(encoder, cfg, inputs.n_items).to(device)
+
+
+def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, results_path: Path | None = None,
+        resume: bool = False, restart: bool = False, record: dict[str, Any] | None = None,
+        progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Train ``cfg`` on ``split`` with the items described by ``inputs`` (store layers, or texts and the LLM
+    for the end-to-end baselines), evaluate the best epoch on the test set, write the run folder and append
+    the results row. ``on_epoch`` sees each epoch's record after its checkpoint is safely on disk."""
+    cfg, source = resolve(cfg)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = runs_root / (cfg.run_id or cfg.run_key())
+    if restart and run_dir.exists():
+        for name in (CHECKPOINT_FILE, BEST_FILE, EPOCHS_FILE, RESULT_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    if (run_dir / RESULT_FILE).exists():
+        return RunResult(run_dir, json.loads((run_dir / RESULT_FILE).read_text()), skipped=True)
+    if (run_dir / CHECKPOINT_FILE).exists() and not resume:
+        raise RunStateError(f"{run_dir} holds an interrupted run; pass --resume to continue it or --restart to "
+                            "start it over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    per_epoch = -(-len(split.train) // cfg.batch_size)          # batches in a full epoch
+    steps_per_epoch = -(-per_epoch // cfg.grad_accum)           # optimiser steps in a full epoch
+    inputs.total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.max_epochs)
+    model = build_model(cfg, inputs, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hooks = getattr(model.item_encoder, "training_hooks", None)   # e.g. AdaLoRA's regulariser and rank update
+    history: list[dict[str, Any]] = []
+    best, best_epoch, stale, start, step = -1.0, 0, 0, 0, 0
+    if (run_dir / CHECKPOINT_FILE).exists():
+        state = torch.load(run_dir / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, best_epoch, stale, start, step = (
+            state[k] for k in ("history", "best", "best_epoch", "stale", "epoch", "step"))
+
+    write_json_atomic({**cfg.to_dict(), "defaults_from": source, "n_params": sum(p.numel() for p in model.parameters()),
+                       "n_train_examples": len(split.train)}, run_dir / CONFIG_FILE)
+
+    bar = tqdm(total=cfg.max_epochs, initial=start, desc=f"{cfg.method} {cfg.dataset}", unit="epoch",
+               disable=not progress)
+    for epoch in range(start + 1, cfg.max_epochs + 1):
+        if stale >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        model.train()
+        tick, total, batches, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for batch in split.train.batches(cfg.batch_size, rng, bucket=cfg.bucket_by_length):
+            with _autocast(cfg, device):
+                loss = model.loss(batch.to(device))
+                if hooks is not None:
+                    loss = loss + hooks.extra_loss()
+            (loss / cfg.grad_accum).backward()
+            total, batches = total + float(loss.detach()), batches + 1
+            if batches % cfg.grad_accum == 0 or batches == per_epoch:
+                optimizer.step()
+                step, epoch_steps = step + 1, epoch_steps + 1
+                if hooks is not None:
+                    hooks.after_step(step)          # before zero_grad: AdaLoRA scores use the gradients
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+        seconds = time.perf_counter() - tick
+        complete = batches == per_epoch
+        valid = mean_metrics(evaluate_examples(model, split.valid, cfg, device))
+        history.append({"epoch": epoch, "train_loss": total / max(batches, 1), "seconds": seconds,
+                        # a bounded (partial) epoch is scaled to a full one, and says so
+                        "epoch_seconds": seconds if complete else seconds / max(batches, 1) * per_epoch,
+                        "extrapolated": not complete, "batches": batches,
+                        **{f"valid_{m}": valid[m] for m in METRIC_NAMES}})
+        if valid[SELECT_METRIC] > best:
+            best, best_epoch, stale = valid[SELECT_METRIC], epoch, 0
+            save_atomic(model.state_dict(), run_dir / BEST_FILE)
+        else:
+            stale += 1
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                     "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch, "step": step},
+                    run_dir / CHECKPOINT_FILE)
+        write_parquet_atomic(pl.DataFrame(history), run_dir / EPOCHS_FILE)
+        bar.update(1)
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", R10=f"{valid[SELECT_METRIC]:.4f}",
+                        best=f"{best:.4f}@{best_epoch}", s=f"{seconds:.1f}")
+    bar.close()
+
+    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
+    test = evaluate_examples(model, split.test, cfg, device)
+    write_per_user(run_dir, split.test.users, test)
+    test_mean = mean_metrics(test)
+    best_row = next(h for h in history if h["epoch"] == best_epoch)
+    hparams = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "dataset", "llm", "seed", "extra")}
+    row = {
+        "run_id": run_dir.name, "dataset": cfg.dataset, "llm": cfg.llm, "method": cfg.method,
+        "hparams": json.dumps(hparams, sort_keys=True), "seed": cfg.seed,
+        **{f"valid_{m}": best_row[f"valid_{m}"] for m in METRIC_NAMES},
+        **{f"test_{m}": test_mean[m] for m in METRIC_NAMES},
+        "epochs": len(history), "best_epoch": best_epoch,
+        "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in history])),
+        "seconds_extrapolated": any(h["extrapolated"] for h in history),
+        "peak_memory_mb": peak_memory_mb(device), "device": str(device),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_dir": str(run_dir),
+        **(record or {}),
+    }
+    write_json_atomic(row, run_dir / RESULT_FILE)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if results_path is not None:
+        append_result(results_path, row)
+    return RunResult(run_dir, row, resumed_from=start)
