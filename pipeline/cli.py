@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import data, embed, evaluation, training
+from pipeline.commands import data, demo, embed, evaluation, recommend, training
 
 app = typer.Typer(
     name="ssnarec",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (data, embed, training, evaluation):
+for module in (data, embed, training, evaluation, recommend, demo):
     module.register(app)
 
 

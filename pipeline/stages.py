@@ -76,3 +76,57 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, restart: bool = Fals
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """The configuration with the paper's defaults filled in (for display before a run)."""
     return resolve(cfg)[0]
+
+
+def load_run(run_id: str):
+    """A finished run's model (best checkpoint, eval mode), its dataset and config."""
+    import torch
+
+    from evaluate.results import CONFIG_FILE
+    from train.loop import BEST_FILE, build_model, pick_device
+
+    run_dir = workspace.runs_dir() / run_id
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / BEST_FILE).is_file():
+        known = sorted(p.name for p in workspace.runs_dir().iterdir() if (p / BEST_FILE).is_file())
+        raise StageError(f"no trained run {run_id!r} under {workspace.runs_dir()}; runs with a model: "
+                         f"{', '.join(known) or 'none (train one with `make train`)'}")
+    import json
+
+    saved = json.loads((run_dir / CONFIG_FILE).read_text())
+    fields = set(TrainConfig.__dataclass_fields__)
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in fields})
+    data = load(cfg.dataset)
+    device = pick_device("cpu" if cfg.device == "auto" else cfg.device)
+    model = build_model(cfg, item_inputs(cfg, data), device)
+    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
+    return model.eval(), data, cfg
+
+
+def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: bool = True) -> list[dict]:
+    """Top-k items for a history of item ids (oldest first): item_id, score (cosine), text."""
+    import torch
+
+    from train.data import Batch
+
+    model, data, cfg = load_run(run_id)
+    ids = data.items.sort("item_idx")
+    index = dict(zip(ids["item_id"].to_list(), ids["item_idx"].to_list(), strict=True))
+    unknown = [item for item in history if item not in index]
+    if unknown:
+        raise StageError(f"{len(unknown)} item id(s) not in dataset {data.name!r}: {', '.join(unknown[:20])}"
+                         f"{' …' if len(unknown) > 20 else ''}. Fix: use item_id values from "
+                         f"{data.path / 'items.parquet'}")
+    if not history:
+        raise StageError("the history is empty: give at least one item id")
+    seen = [index[item] for item in history][-cfg.max_len:]
+    batch = Batch(torch.tensor([seen]), torch.tensor([len(seen)]), torch.tensor([0]), torch.tensor([0]))
+    with torch.no_grad():
+        vectors = model.item_vectors()
+        scores = (model.predict(batch, vectors) @ torch.nn.functional.normalize(vectors, dim=-1).T)[0]
+    if exclude_history:
+        scores[torch.tensor(seen)] = float("-inf")
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    texts = ids["text"].to_list()
+    item_ids = ids["item_id"].to_list()
+    return [{"item_id": item_ids[i], "score": float(s), "text": texts[i]}
+            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]

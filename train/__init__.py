@@ -1,9 +1,21 @@
-"""Stage two: models and training loops over the cached LLM layers (never the LLM itself)."""
+"""Stage two: models and training loops over the cached LLM layers (never the LLM itself).
 
-from train.config import TrainConfig
-from train.data import Batch, Examples, Split, leave_one_out
-from train.loop import RunResult, RunStateError, fit, resolve
-from train.methods import METHODS, ItemInputs, get_method
+Names are imported lazily so that reading ``train.config`` (e.g. for CLI defaults) does not import torch.
+"""
 
-__all__ = ["METHODS", "Batch", "Examples", "ItemInputs", "RunResult", "RunStateError", "Split", "TrainConfig", "fit",
-           "get_method", "leave_one_out", "resolve"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "train.config",
+    "Batch": "train.data", "Examples": "train.data", "Split": "train.data", "leave_one_out": "train.data",
+    "RunResult": "train.loop", "RunStateError": "train.loop", "fit": "train.loop", "resolve": "train.loop",
+    "METHODS": "train.methods", "ItemInputs": "train.methods", "get_method": "train.methods",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'train' has no attribute {name!r}")

@@ -69,7 +69,7 @@ class TrainConfig:
 
     # --- execution
     device: str = "auto"              # auto (cuda when present) | cpu | cuda | cuda:N
-    autocast: str = "off"             # off | bf16 (bf16 autocast for the matmuls; on GPU or CPUs that support it)
+    autocast: str = "off"             # off | bf16 | auto (bf16 autocast where the GPU/CPU runs bf16 matmuls natively)
     threads: int | None = None        # torch intra-op threads on CPU (None: torch's default)
     run_id: str | None = None         # folder name under runs/; default derived from the settings (see run_key)
 

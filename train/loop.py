@@ -34,6 +34,7 @@ from evaluate.results import (
     write_parquet_atomic,
     write_per_user,
 )
+from featurestore.embed import bf16_supported
 from train.config import TrainConfig
 from train.data import Examples, Split
 from train.hparams import method_defaults
@@ -94,11 +95,11 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.autocast == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.autocast != "off":
-        raise ValueError(f"autocast must be off or bf16, got {cfg.autocast!r}")
-    return torch.autocast(device.type, enabled=False)
+    """bf16 autocast when asked (``auto``: where the device runs bf16 matmuls natively), else a no-op."""
+    if cfg.autocast not in ("off", "bf16", "auto"):
+        raise ValueError(f"autocast must be off, bf16 or auto, got {cfg.autocast!r}")
+    use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_supported(str(device)))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 @torch.no_grad()

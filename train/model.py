@@ -38,7 +38,8 @@ class SequentialRecommender(nn.Module):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         users, targets = self(batch)
-        users = F.normalize(users, dim=-1)
+        # cosines are scaled by 1/τ ≈ 14: keep them in fp32 even under bf16 autocast
+        users, targets = F.normalize(users.float(), dim=-1), targets.float()
         if self.loss_kind == "full":
             logits = users @ F.normalize(self.item_vectors(), dim=-1).T / self.temperature
             return F.cross_entropy(logits, batch.targets)

@@ -38,7 +38,7 @@ def train_cmd(
     exclude_history: bool = typer.Option(_DEFAULTS.exclude_history, "--exclude-history/--keep-history",
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off or bf16."),
+    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice)."),
     run_id: str | None = typer.Option(None, "--run-id", help="Run folder name (default: derived from settings)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
@@ -69,6 +69,76 @@ def train_cmd(
                f"{row['peak_memory_mb']:.0f} MiB\n  {result.run_dir}")
 
 
+
+
+# The paper's search spaces (Hyper-parameter Tuning section); "" on the command line = the paper's best value.
+PAPER_GRID = {"batch_size": (32, 64, 128, 256), "a": (2, 3), "n_l": (1, 2, 3), "p": (0.1, 0.2, 0.3), "n_t": (2, 4, 6)}
+GRID_FIELDS = {"ssna": ("batch_size", "a"), "mean": ("batch_size", "a"), "weighted": ("batch_size", "a"),
+               "tmoe": ("batch_size",), "tmlp": ("batch_size", "n_l"), "lora": ("p",), "adalora": ("p",),
+               "full": ("n_t",)}
+
+
+def _values(text: str, cast):
+    return [cast(v) for v in text.replace(",", " ").split()] or [None]
+
+
+def sweep_cmd(
+    methods: str = typer.Option("ssna,tmoe,tmlp,mean,weighted", "--methods", help="Methods, comma-separated."),
+    datasets: str = typer.Option("sci", "--datasets", help="Datasets, comma-separated."),
+    llms: str = typer.Option("minilm", "--llms", help="LLMs, comma-separated."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated."),
+    batch_sizes: str = typer.Option("", "--batch-sizes", help="b values; empty = the paper's best per method."),
+    a_values: str = typer.Option("", "--a", help="a values (ssna/mean/weighted); empty = the paper's best."),
+    n_l_values: str = typer.Option("", "--n-l", help="TMLP depths; empty = the paper's best."),
+    p_values: str = typer.Option("", "--p", help="LoRA/AdaLoRA dropouts; empty = the paper's best."),
+    n_t_values: str = typer.Option("", "--n-t", help="Full's top layers; empty = the paper's best."),
+    paper_grid: bool = typer.Option(False, "--paper-grid", help="Search the paper's whole spaces: b in 32..256, "
+                                    "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
+    max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
+    patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Bound each run (epoch time extrapolated)."),
+    limit_users: int | None = typer.Option(None, "--limit-users", help="Use only the first N users."),
+    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs without training."),
+) -> None:
+    """Run a grid; runs already finished (result.json in their folder) are skipped, so a rerun resumes it."""
+    import itertools
+
+    from pipeline.datasets import DatasetError
+    from pipeline.stages import StageError, resolved, run_training
+    from train.loop import RunStateError
+
+    given = {"batch_size": _values(batch_sizes, int), "a": _values(a_values, int), "n_l": _values(n_l_values, int),
+             "p": _values(p_values, float), "n_t": _values(n_t_values, int)}
+    plan = []
+    for method, dataset, llm, seed in itertools.product(_values(methods, str), _values(datasets, str),
+                                                        _values(llms, str), _values(seeds, int)):
+        fields = GRID_FIELDS.get(method)
+        if fields is None:
+            typer.echo(f"error: unknown method {method!r}; known: {', '.join(GRID_FIELDS)}", err=True)
+            raise typer.Exit(code=1)
+        spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields]
+        for combo in itertools.product(*spaces):
+            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, max_epochs=max_epochs,
+                                    patience=patience, max_steps=max_steps, limit_users=limit_users,
+                                    autocast=autocast, threads=threads, **dict(zip(fields, combo, strict=True))))
+    typer.echo(f"{len(plan)} runs")
+    for i, cfg in enumerate(plan, 1):
+        key = resolved(cfg).run_key()
+        if dry_run:
+            typer.echo(f"[{i}/{len(plan)}] {key}")
+            continue
+        try:
+            result = run_training(cfg, resume=True)
+        except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
+            typer.echo(f"[{i}/{len(plan)}] {key}: error: {exc}", err=True)
+            continue
+        state = "skipped (finished before)" if result.skipped else "done"
+        typer.echo(f"[{i}/{len(plan)}] {result.row['run_id']}: {state}, test R@10 {result.row['test_R@10']:.4f}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``train`` to the top-level app."""
+    """Add ``train`` and ``sweep`` to the top-level app."""
     app.command("train")(train_cmd)
+    app.command("sweep")(sweep_cmd)

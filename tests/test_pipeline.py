@@ -1,0 +1,92 @@
+"""The stages wired together through the CLI on a tiny dataset and a tiny random-init LLM: prepare → embed →
+train → eval → recommend, and stage two never loading the LLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import workspace
+from pipeline.cli import app
+from pipeline.datasets.canonical import write_dataset
+from tests.tinymodels import make_tiny_llm
+
+N_ITEMS = 30
+TINY = ["--a", "2", "--batch-size", "16", "--max-epochs", "2", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture
+def prepared(home, tmp_path):
+    """A canonical dataset 'toy' and a stage-one store of it from a tiny BERT."""
+    rng = np.random.default_rng(0)
+    items = pl.DataFrame({"item_idx": np.arange(N_ITEMS), "item_id": [f"I{i:03d}" for i in range(N_ITEMS)],
+                          "text": [f"item number {i} of kind {i % 4}" for i in range(N_ITEMS)]})
+    sequences = [((rng.integers(N_ITEMS) + np.arange(rng.integers(4, 9))) % N_ITEMS).astype(np.int32)
+                 for _ in range(40)]
+    write_dataset(workspace.data_dir() / "toy", items, sequences, [f"U{u}" for u in range(40)], {"source": "test"})
+    llm = make_tiny_llm("bert", tmp_path / "tiny-bert")
+    result = CliRunner().invoke(app, ["embed", "--dataset", "toy", "--llm", str(llm), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return llm
+
+
+def train(llm, *extra):
+    return CliRunner().invoke(app, ["train", "--dataset", "toy", "--llm", str(llm), *TINY, *extra])
+
+
+def test_train_eval_recommend(prepared, monkeypatch):
+    import featurestore.llms
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("stage two loaded the LLM")
+
+    monkeypatch.setattr(featurestore.llms, "load_llm", no_llm)
+    result = train(prepared, "--method", "ssna", "--run-id", "toy-ssna")
+    assert result.exit_code == 0, result.output
+    assert "test  R@10" in result.output
+    assert train(prepared, "--method", "tmoe").exit_code == 0
+    again = train(prepared, "--method", "ssna", "--run-id", "toy-ssna")
+    assert again.exit_code == 0 and "already finished" in again.output
+
+    results = pl.read_parquet(workspace.home() / "results.parquet")
+    assert sorted(results["method"].to_list()) == ["ssna", "tmoe"]
+    assert results["git_commit"].null_count() == 0
+
+    evaluated = CliRunner().invoke(app, ["eval", "--dataset", "toy"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "SSNA" in evaluated.output.upper()
+
+    rec = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 I002,I003", "-k", "5"])
+    assert rec.exit_code == 0, rec.output
+    lines = rec.output.strip().splitlines()
+    assert len(lines) == 5 and not any(f" I00{i} " in line for line in lines for i in (1, 2, 3))
+    bad = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 NOPE ALSO-NOPE"])
+    assert bad.exit_code == 1 and "NOPE, ALSO-NOPE" in bad.output
+
+
+def test_missing_store_names_the_command(prepared):
+    result = train("some-other-llm", "--method", "ssna")
+    assert result.exit_code == 1
+    assert "make embeddings DATASET=toy LLM=some-other-llm" in result.output
+
+
+def test_interrupted_run_needs_resume(prepared):
+    from train.loop import CHECKPOINT_FILE
+
+    assert train(prepared, "--method", "tmlp", "--run-id", "cut").exit_code == 0
+    run_dir = workspace.runs_dir() / "cut"
+    (run_dir / "result.json").unlink()
+    (run_dir / CHECKPOINT_FILE).write_bytes(b"")   # an interrupted run's leftovers
+    result = train(prepared, "--method", "tmlp", "--run-id", "cut")
+    assert result.exit_code == 1 and "--resume" in result.output
+    assert train(prepared, "--method", "tmlp", "--run-id", "cut", "--restart").exit_code == 0
+
+
+def test_sweep_dry_run_lists_the_paper_grid(prepared):
+    result = CliRunner().invoke(app, ["sweep", "--methods", "ssna,tmlp", "--datasets", "toy", "--llms", "x",
+                                      "--seeds", "0,1", "--paper-grid", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    # ssna: 4 batch sizes × 2 a; tmlp: 4 batch sizes × 3 depths; each for 2 seeds
+    assert result.output.splitlines()[0] == f"{(8 + 12) * 2} runs"
