@@ -108,8 +108,8 @@ def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: Tra
     """Full-ranking per-user metrics of ``examples`` (one per user) under the model in eval mode."""
     model.eval()
     vectors = model.item_vectors().float()
-    users = torch.cat([model.predict(batch.to(device), vectors)
-                       for batch in examples.batches(cfg.eval_batch_size)])
+    # SASRec runs on modest user batches (its attention layout is [B, L, 3d]); ranking takes large ones
+    users = torch.cat([model.predict(batch.to(device), vectors) for batch in examples.batches(512)])
     targets = torch.from_numpy(examples.items[examples.offsets[examples.users] + examples.positions])
     return full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
                         histories=examples.histories() if cfg.exclude_history else None,

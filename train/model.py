@@ -51,7 +51,7 @@ class SequentialRecommender(nn.Module):
         labels = torch.arange(len(batch), device=logits.device)
         return F.cross_entropy(logits, labels)
 
-    def item_vectors(self, chunk: int = 8192) -> torch.Tensor:
+    def item_vectors(self, chunk: int = 2048) -> torch.Tensor:
         """Embeddings v* of every item ``[n_items, d]``, unnormalised (with grad when training)."""
         device = next(self.parameters()).device
         parts = [self.item_encoder(torch.arange(s, min(s + chunk, self.n_items), device=device))
