@@ -128,6 +128,24 @@ def parse_record(raw: bytes) -> Any:
         raise ValueError(f"malformed JSON ({json_error})") from None
 
 
+def iter_records(path: Path, start: int, lines: list[bytes], report: InputReport) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a chunk that parses to an object; the rest is reported
+    as malformed (and raises under --strict, through the report)."""
+    for offset, raw in enumerate(lines):
+        number = start + offset
+        if not raw.strip():
+            continue
+        try:
+            record = parse_record(raw)
+        except ValueError as exc:
+            report.bad_line("malformed", path, number, str(exc))
+            continue
+        if not isinstance(record, dict):
+            report.bad_line("malformed", path, number, "malformed JSON (not an object)")
+            continue
+        yield number, record
+
+
 # ---------------------------------------------------------------------------------------------- reviews
 
 def _line_numbers(start: int, lines: list[bytes]) -> list[int] | None:
@@ -155,18 +173,7 @@ def parse_json_chunk(path: Path, start: int, lines: list[bytes], report: InputRe
     if fast is not None:
         return fast
     rows: list[tuple[str, str, int, int]] = []
-    for offset, raw in enumerate(lines):
-        number = start + offset
-        if not raw.strip():
-            continue
-        try:
-            record = parse_record(raw)
-        except ValueError as exc:
-            report.bad_line("malformed", path, number, str(exc))
-            continue
-        if not isinstance(record, dict):
-            report.bad_line("malformed", path, number, "malformed JSON (not an object)")
-            continue
+    for number, record in iter_records(path, start, lines, report):
         user, item, when = record.get("reviewerID"), record.get("asin"), record.get("unixReviewTime")
         missing = [key for key, value in (("reviewerID", user), ("asin", item), ("unixReviewTime", when))
                    if value is None or value == ""]
@@ -265,18 +272,7 @@ def read_meta(path: Path, wanted: set[str], report: InputReport) -> tuple[dict[s
     texts: dict[str, str] = {}
     no_title: dict[str, int] = {}
     for start, lines in iter_chunks(path):
-        for offset, raw in enumerate(lines):
-            number = start + offset
-            if not raw.strip():
-                continue
-            try:
-                record = parse_record(raw)
-            except ValueError as exc:
-                report.bad_line("malformed", path, number, str(exc))
-                continue
-            if not isinstance(record, dict):
-                report.bad_line("malformed", path, number, "malformed JSON (not an object)")
-                continue
+        for number, record in iter_records(path, start, lines, report):
             asin = record.get("asin")
             if not asin or not isinstance(asin, str):
                 report.bad_line("missing_field", path, number, "missing field asin")
