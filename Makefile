@@ -11,6 +11,15 @@ LLM ?= minilm
 METHOD ?= ssna
 SEEDS ?= 0
 ARGS ?=
+# Processes for embeddings/train (torchrun, one per GPU). TORCHRUN_ARGS passes torchrun's own options through,
+# e.g. multi-node: TORCHRUN_ARGS="--nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 --rdzv-id=job1"
+NPROC ?= 1
+TORCHRUN_ARGS ?=
+ifeq ($(strip $(NPROC))$(strip $(TORCHRUN_ARGS)),1)
+LAUNCH = $(BIN)/ssnarec
+else
+LAUNCH = $(BIN)/torchrun --nproc-per-node=$(NPROC) $(if $(strip $(TORCHRUN_ARGS)),$(TORCHRUN_ARGS),--standalone) -m pipeline.cli
+endif
 
 .PHONY: help setup test lint demo embeddings train eval report bench bench-quick clean
 
@@ -35,11 +44,11 @@ test: setup  ## run the test suite
 lint: setup  ## ruff
 	$(BIN)/ruff check pipeline featurestore train evaluate tests benchmarks
 
-embeddings: setup  ## stage one: make embeddings DATASET=sci LLM=minilm (comma-separated lists allowed)
-	$(BIN)/ssnarec embed --dataset $(DATASET) --llm $(LLM) $(ARGS)
+embeddings: setup  ## stage one: make embeddings DATASET=sci LLM=minilm [NPROC=2] (comma-separated lists allowed)
+	$(LAUNCH) embed --dataset $(DATASET) --llm $(LLM) $(ARGS)
 
-train: setup  ## stage two: make train METHOD=ssna DATASET=sci LLM=minilm
-	$(BIN)/ssnarec train --method $(METHOD) --dataset $(DATASET) --llm $(LLM) $(ARGS)
+train: setup  ## stage two: make train METHOD=ssna DATASET=sci LLM=minilm [NPROC=2]
+	$(LAUNCH) train --method $(METHOD) --dataset $(DATASET) --llm $(LLM) $(ARGS)
 
 eval: setup  ## the paper's tables from the results store
 	$(BIN)/ssnarec eval $(ARGS)

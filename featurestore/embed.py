@@ -10,6 +10,12 @@ the time (measured in benchmarks/bench_stage1.py), so a second thread would only
 Work is done chunk by chunk (``chunk_items`` texts); each finished chunk is written atomically under
 ``.partial/``, so a killed run resumes at the chunk it was in; a finished shard replaces its chunks. See
 ``featurestore.store`` for the layout, the update policy and integrity checks.
+
+Under torchrun (several processes, GPUs or machines) the same store is built by all ranks together: the chunks
+still to embed are dealt round-robin to the ranks, each rank writes its chunk files, and after a barrier the
+shards are assembled (shard k by rank k mod world) and rank 0 commits the manifest. Chunk files are named by
+their shard and rows, not by rank, so the shards and values are those of a single-process run, and a killed
+job resumes from every chunk any rank finished (with any number of processes, one included).
 """
 
 from __future__ import annotations
@@ -29,6 +35,18 @@ import polars as pl
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from featurestore.distributed import (
+    DistributedError,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    check_shared_folder,
+    init_from_env,
+    is_main,
+    local_device,
+    rank,
+    world_size,
+)
 from featurestore.llms import ResolvedLLM, llm_slug, load_llm, resolve_llm
 from featurestore.store import (
     DTYPES,
@@ -214,13 +232,14 @@ class _Run:
     chunk_items: int
     row_shape: tuple[int, int]  # (stored layers, hidden)
     embedder: ClsEmbedder | None = None
+    count_resumed: bool = True  # False once the ranks of a torchrun job have written every chunk themselves
     stats: dict[str, int] = field(default_factory=lambda: {"embedded": 0, "resumed": 0, "reused": 0,
                                                             "kept_shards": 0, "written_shards": 0})
 
     def get_embedder(self) -> ClsEmbedder:
         """Load the model on first need (a cache hit never gets here)."""
         if self.embedder is None:
-            device = resolve_device(self.device)
+            device = resolve_device(local_device(self.device))
             precision = self.precision
             if precision == "auto":
                 precision = "bf16" if bf16_supported(device) else "fp32"
@@ -294,31 +313,82 @@ def _old_rows(folder: Path, old: dict[str, Any] | None, key_sha: str) -> tuple[d
     return rows, arrays
 
 
-def _embed_missing(run: _Run, shard_stem: str, ids: list[str], shas: list[str], texts: list[str],
-                   need: np.ndarray, emb: np.ndarray, n_tokens: np.ndarray, bar: Any) -> None:
-    """Fill rows NEED of one shard, chunk by chunk; finished chunks are kept under .partial/ for resume."""
-    partial = run.folder / PARTIAL / shard_stem
+def _chunks(run: _Run, shard_stem: str, ids: list[str], shas: list[str],
+            need: np.ndarray) -> list[tuple[Path, np.ndarray]]:
+    """The chunk files (under .partial/) that rows NEED of one shard are embedded in, with each one's rows.
+
+    A chunk's name depends only on its shard, position and rows, never on which process embeds it."""
+    out = []
     for start in range(0, len(need), run.chunk_items):
         rows = need[start:start + run.chunk_items]
         name = f"chunk-{start // run.chunk_items:05d}-"
         name += rows_sha256(run.key_sha, [ids[r] for r in rows], [shas[r] for r in rows])[:16] + ".h5"
-        path = partial / name
-        if path.exists() and read_h5_attrs(path).get("key_sha256") == run.key_sha:
+        out.append((run.folder / PARTIAL / shard_stem / name, rows))
+    return out
+
+
+def _chunk_done(run: _Run, path: Path) -> bool:
+    """Whether chunk PATH was finished (by any process) under the current store key."""
+    return path.exists() and read_h5_attrs(path).get("key_sha256") == run.key_sha
+
+
+def _embed_chunk(run: _Run, path: Path, rows: np.ndarray, texts: list[str], bar: Any) -> tuple[np.ndarray,
+                                                                                                np.ndarray]:
+    """Embed TEXTS (the texts of shard rows ROWS), write them as chunk PATH, return (states, token counts)."""
+    embedder = run.get_embedder()
+    token_ids, lengths = embedder.tokenize(texts)
+    states = embedder.embed_ids(token_ids, run.batch_tokens, bar).astype(run.dtype)
+    if not np.isfinite(states).all():
+        raise StoreError(f"{run.folder}: some [CLS] states overflow {run.dtype} (inf/nan). "
+                         f"Fix: embed with --dtype fp32.")
+    write_h5(path, {"emb": states, "n_tokens": lengths, "rows": rows.astype(np.int64)},
+             {"key_sha256": run.key_sha})
+    run.stats["embedded"] += len(rows)
+    return states, lengths
+
+
+def _embed_missing(run: _Run, shard_stem: str, ids: list[str], shas: list[str], texts: list[str],
+                   need: np.ndarray, emb: np.ndarray, n_tokens: np.ndarray, bar: Any) -> None:
+    """Fill rows NEED of one shard, chunk by chunk; finished chunks are kept under .partial/ for resume."""
+    for path, rows in _chunks(run, shard_stem, ids, shas, need):
+        if _chunk_done(run, path):
             emb[rows] = map_dataset(path, "emb")
             n_tokens[rows] = map_dataset(path, "n_tokens")
-            run.stats["resumed"] += len(rows)
+            if run.count_resumed:
+                run.stats["resumed"] += len(rows)
             bar.update(len(rows))
             continue
-        embedder = run.get_embedder()
-        token_ids, lengths = embedder.tokenize([texts[r] for r in rows])
-        states = embedder.embed_ids(token_ids, run.batch_tokens, bar).astype(run.dtype)
-        if not np.isfinite(states).all():
-            raise StoreError(f"{run.folder}: some [CLS] states overflow {run.dtype} (inf/nan). "
-                             f"Fix: embed with --dtype fp32.")
-        write_h5(path, {"emb": states, "n_tokens": lengths, "rows": rows.astype(np.int64)},
-                 {"key_sha256": run.key_sha})
-        emb[rows], n_tokens[rows] = states, lengths
-        run.stats["embedded"] += len(rows)
+        emb[rows], n_tokens[rows] = _embed_chunk(run, path, rows, [texts[r] for r in rows], bar)
+
+
+def _embed_chunks_distributed(run: _Run, plan: list[tuple[str, int, int, str]], keep: list[bool],
+                              item_ids: list[str], shas: list[str], texts: list[str],
+                              old_rows: dict[tuple[str, str], tuple[str, int]], desc: str, progress: bool) -> None:
+    """Under torchrun: embed every chunk the new shards need, the chunks dealt round-robin to the ranks.
+
+    Rank 0 lists the chunks not yet finished (a killed job's finished chunks are kept, whichever rank wrote
+    them) and every rank follows that list, so no chunk is embedded twice. Returns after all ranks are done.
+    """
+    work: list[tuple[Path, np.ndarray, int]] = []      # (chunk file, rows within its shard, shard start)
+    for (name, start, end, _), is_kept in zip(plan, keep, strict=True):
+        if is_kept:
+            continue
+        ids, text_shas = item_ids[start:end], shas[start:end]
+        need = np.array([r for r, key in enumerate(zip(ids, text_shas, strict=True)) if key not in old_rows],
+                        dtype=np.int64)
+        work.extend((path, rows, start) for path, rows in _chunks(run, Path(name).stem, ids, text_shas, need))
+    todo = None
+    if is_main():
+        todo = [i for i, (path, _, _) in enumerate(work) if not _chunk_done(run, path)]
+        run.stats["resumed"] += sum(len(rows) for _, rows, _ in work) - sum(len(work[i][1]) for i in todo)
+    mine = broadcast_object(todo)[rank()::world_size()]
+    with tqdm(total=sum(len(work[i][1]) for i in mine), unit="item", desc=f"{desc} (rank 0 of {world_size()})",
+              disable=not progress or not is_main(), dynamic_ncols=True, smoothing=0.1) as bar:
+        for i in mine:
+            path, rows, start = work[i]
+            _embed_chunk(run, path, rows, [texts[start + r] for r in rows], bar)
+    run.count_resumed = False
+    barrier()
 
 
 def embed_items(store_root: Path, dataset: str, item_ids: list[str], texts: list[str], llm: str, *,
@@ -335,21 +405,29 @@ def embed_items(store_root: Path, dataset: str, item_ids: list[str], texts: list
     """
     started = time.perf_counter()
     _check_inputs(dataset, item_ids, texts, dtype, precision, max_length, batch_tokens)
-    folder = Path(store_root) / dataset / llm_slug(llm)
-    (folder / SHARDS).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / LOCK))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.warning("%s: another run holds the lock; waiting for it", folder)
-        lock.acquire()
+        init_from_env(device)                  # under torchrun: join the job (a no-op otherwise)
+        folder = Path(store_root) / dataset / llm_slug(llm)
+        (folder / SHARDS).mkdir(parents=True, exist_ok=True)
+        check_shared_folder(folder, "the embedding store")
+    except DistributedError as exc:
+        raise StoreError(str(exc)) from None
+    lock = FileLock(str(folder / LOCK)) if is_main() else None   # rank 0 locks for the whole job
+    if lock is not None:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("%s: another run holds the lock; waiting for it", folder)
+            lock.acquire()
+    barrier()
     try:
         return _embed_locked(folder, dataset, list(item_ids), list(texts), llm, started, cache_dir=cache_dir,
                              max_length=max_length, batch_tokens=batch_tokens, device=device, dtype=dtype,
                              precision=precision, shard_bytes=shard_bytes, chunk_items=chunk_items,
                              progress=progress)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _embed_locked(folder: Path, dataset: str, item_ids: list[str], texts: list[str], llm: str, started: float, *,
@@ -395,12 +473,19 @@ def _embed_locked(folder: Path, dataset: str, item_ids: list[str], texts: list[s
         return attrs.get("content_sha256") == content and attrs.get("key_sha256") == key_sha
 
     keep = [kept(name, content) for name, _, _, content in plan]
-    missing = sum(sum((item_ids[i], shas[i]) not in old_rows for i in range(start, end))
-                  for (_, start, end, _), k in zip(plan, keep, strict=True) if not k)
-    entries, index_parts = [], []
-    with tqdm(total=missing, unit="item", desc=f"embed {dataset}/{llm_slug(llm)}", disable=not progress,
-              dynamic_ncols=True, smoothing=0.1) as bar:
-        for (name, start, end, content), is_kept in zip(plan, keep, strict=True):
+    desc, world, me = f"embed {dataset}/{llm_slug(llm)}", world_size(), rank()
+    if world > 1:
+        _embed_chunks_distributed(run, plan, keep, item_ids, shas, texts, old_rows, desc, progress)
+        missing = 0                                # every chunk is on disk: assembling shards embeds nothing
+    else:
+        missing = sum(sum((item_ids[i], shas[i]) not in old_rows for i in range(start, end))
+                      for (_, start, end, _), k in zip(plan, keep, strict=True) if not k)
+    built: dict[int, tuple[dict[str, Any], np.ndarray]] = {}   # shard k → (manifest entry, token counts)
+    with tqdm(total=missing, unit="item", desc=desc, disable=not progress or world > 1, dynamic_ncols=True,
+              smoothing=0.1) as bar:
+        for k, ((name, start, end, content), is_kept) in enumerate(zip(plan, keep, strict=True)):
+            if k % world != me:                    # under torchrun shard k is assembled by rank k mod world
+                continue
             path = folder / SHARDS / name
             if is_kept:
                 run.stats["kept_shards"] += 1
@@ -410,16 +495,25 @@ def _embed_locked(folder: Path, dataset: str, item_ids: list[str], texts: list[s
                 n_tokens = _build_shard(run, path, content, start, item_ids[start:end], shas[start:end],
                                         texts[start:end], old_rows, old_arrays, bar)
                 sha = sha256_file(path)
-            entries.append({"file": name, "start": start, "rows": end - start, "sha256": sha,
-                            "bytes": path.stat().st_size})
-            index_parts.append(pl.DataFrame({"shard": np.full(end - start, len(entries) - 1, dtype=np.int32),
-                                             "row": np.arange(end - start, dtype=np.int32),
-                                             "n_tokens": n_tokens.astype(np.int32)}))
+            built[k] = ({"file": name, "start": start, "rows": end - start, "sha256": sha,
+                         "bytes": path.stat().st_size}, n_tokens)
+    last_run = _merge_ranks(run, built)
+    if not is_main():
+        manifest = broadcast_object(None)          # rank 0 commits; then every rank opens the same store
+        store = load_store(folder, manifest, verify=False)
+        store.run_stats = {"cache_hit": False, **manifest["last_run"]}
+        return store
+    entries, index_parts = [], []
+    for k in range(len(plan)):
+        entry, n_tokens = built[k]
+        entries.append(entry)
+        index_parts.append(pl.DataFrame({"shard": np.full(entry["rows"], k, dtype=np.int32),
+                                         "row": np.arange(entry["rows"], dtype=np.int32),
+                                         "n_tokens": n_tokens.astype(np.int32)}))
     index = pl.concat(index_parts).with_columns(
         pl.Series("item_idx", np.arange(len(item_ids), dtype=np.int64)), pl.Series("item_id", item_ids),
         pl.Series("text_sha256", shas)).select("item_idx", "item_id", "text_sha256", "n_tokens", "shard", "row")
     seconds = time.perf_counter() - started
-    embedder = run.embedder
     manifest = {
         "format": FORMAT_VERSION, "dataset": dataset, "llm": llm, "llm_slug": llm_slug(llm),
         "llm_spec": {"family": resolved.spec.family, "source": resolved.spec.source, "ref": resolved.spec.ref,
@@ -431,17 +525,38 @@ def _embed_locked(folder: Path, dataset: str, item_ids: list[str], texts: list[s
         "shard_bytes_limit": shard_bytes, "shards": entries, "index": write_index(folder, index),
         "truncated_fraction": float((index["n_tokens"] > max_length).mean()),
         "created": (old or {}).get("created", now_iso()), "updated": now_iso(),
-        "last_run": {**run.stats, "seconds": round(seconds, 3), "device": embedder.device if embedder else None,
-                     "precision_used": embedder.precision if embedder else None,
-                     "bf16_min_cosine_vs_fp32": embedder.min_cosine if embedder else None,
-                     "batch_tokens": batch_tokens, "chunk_items": chunk_items,
+        "last_run": {**last_run, "seconds": round(seconds, 3), "batch_tokens": batch_tokens,
+                     "chunk_items": chunk_items,
                      "host": {"machine": platform.machine(), "processor": platform.processor()}},
     }
     commit_manifest(folder, manifest)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
+    broadcast_object(manifest)
     store = load_store(folder, manifest, verify=False)
     store.run_stats = {"cache_hit": False, **manifest["last_run"]}
     return store
+
+
+def _merge_ranks(run: _Run, built: dict[int, tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+    """Merge every rank's shards into BUILT (in place) and return the run's statistics for the manifest
+    (counts summed over ranks; the device of the first rank that embedded; the lowest bf16 cosine)."""
+    embedder = run.embedder
+    mine = {"stats": run.stats, "device": embedder.device if embedder else None,
+            "precision": embedder.precision if embedder else None,
+            "cosine": embedder.min_cosine if embedder else None}
+    if world_size() == 1:
+        return {**run.stats, "device": mine["device"], "precision_used": mine["precision"],
+                "bf16_min_cosine_vs_fp32": mine["cosine"]}
+    parts = all_gather_objects((built, mine))
+    for shards, _ in parts:
+        built.update(shards)
+    infos = [info for _, info in parts]
+    precisions = sorted({i["precision"] for i in infos if i["precision"]})
+    cosines = [i["cosine"] for i in infos if i["cosine"] is not None]
+    return {**{key: sum(i["stats"][key] for i in infos) for key in run.stats},
+            "device": next((i["device"] for i in infos if i["device"]), None),
+            "precision_used": ",".join(precisions) or None,
+            "bf16_min_cosine_vs_fp32": min(cosines) if cosines else None, "world_size": len(infos)}
 
 
 def _build_shard(run: _Run, path: Path, content: str, start: int, ids: list[str], shas: list[str],

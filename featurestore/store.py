@@ -5,8 +5,9 @@ Layout of ``<store_root>/<dataset>/<llm slug>/``::
     manifest.json                  the commit point: key, shapes, shard list with sha256s, index file + sha256
     index-<hash>.parquet           item_idx, item_id, text_sha256, n_tokens, shard, row (one row per item)
     shards/shard-<k>-<hash>.h5     dataset "emb" [rows, n_layers, hidden] (+ "n_tokens" [rows])
-    .partial/<shard>/chunk-*.h5    finished chunks of a shard being built (resume after a kill)
-    .lock                          file lock held by a writer
+    .partial/<shard>/chunk-*.h5    finished chunks of a shard being built (resume after a kill); under torchrun
+                                   any rank may write any chunk: names depend on the rows, not the rank
+    .lock                          file lock held by a writer (under torchrun: by rank 0 for the whole job)
 
 Row layout: shard k holds the contiguous item_idx range [start_k, start_k + rows_k), in item_idx order, and the
 layers of one item are stored **top first**: ``emb[r, m]`` is layer n - m (m = 0 is the top layer, the paper's

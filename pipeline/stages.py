@@ -60,8 +60,11 @@ def item_inputs(cfg: TrainConfig, data: Dataset) -> ItemInputs:
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
-                 progress: bool = True) -> RunResult:
-    """Train one configuration end to end and record it in the results store."""
+                 progress: bool = True, gather_negatives: bool = True) -> RunResult:
+    """Train one configuration end to end and record it in the results store.
+
+    Under torchrun every rank calls this; ``train.fit`` does the data-parallel part (``gather_negatives``:
+    in-batch negatives from the whole global batch, or from each rank's share only)."""
     data = load(cfg.dataset)
     cfg = replace(cfg, dataset=data.name)
     sequences: list[np.ndarray] = data.sequences
@@ -70,7 +73,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, restart: bool = Fals
     split = leave_one_out(sequences, data.n_items, cfg.max_len)
     inputs = item_inputs(cfg, data)
     return fit(cfg, split, inputs, workspace.runs_dir(), results_path=results_path(), resume=resume,
-               restart=restart, record={"git_commit": git_commit()}, progress=progress)
+               restart=restart, record={"git_commit": git_commit()}, progress=progress,
+               gather_negatives=gather_negatives)
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:

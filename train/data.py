@@ -5,6 +5,10 @@ target, and every prefix of the rest is a training example (UniSRec's rows): tar
 s_{max(0, t−L)} … s_{t−1} for t = 1 … n−3, where L is the history length (50 in the paper). Nothing is stored
 twice: examples are (user, target position) pairs over one concatenated item array, and batches are cut from it
 with vectorised indexing and padded on the right to the longest history in the batch.
+
+With several processes (torchrun), every rank draws the same shuffled order from the same (seed, epoch)
+generator and takes a contiguous share of each global batch (``batches(..., rank=, world=)``, a
+DistributedSampler over batches): the ranks' shares together are exactly the single-process batch.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ class Batch:
     lengths: torch.Tensor   # [B] int64, ≥ 1
     targets: torch.Tensor   # [B] int64 item_idx
     users: torch.Tensor     # [B] int64 user_idx
+    total: int | None = None  # examples in the global batch this rank's share belongs to (None: the whole batch)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.history, self.lengths, self.targets, self.users)))
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.history, self.lengths, self.targets, self.users)),
+                     total=self.total)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -67,10 +73,27 @@ class Examples:
         starts = self.offsets[self.users] + self.positions - self.lengths
         return [self.items[s:s + n] for s, n in zip(starts, self.lengths, strict=True)]
 
+    def shard(self, rank: int, world: int) -> Examples:
+        """Rank RANK's contiguous share of the examples among WORLD ranks (``np.array_split`` layout)."""
+        index = np.array_split(np.arange(len(self)), world)[rank]
+        return Examples(self.items, self.offsets, self.users[index], self.positions[index], self.max_len)
+
+    def n_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        """How many batches ``batches(batch_size, ..., world=world, drop_last=drop_last)`` yields."""
+        full, rest = divmod(len(self), batch_size)
+        return full + int(rest > 0 and not drop_last and rest >= world)
+
     def batches(self, batch_size: int, rng: np.random.Generator | None = None, bucket: bool = False,
-                drop_last: bool = False) -> Iterator[Batch]:
+                drop_last: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """All examples once, in batches: shuffled by ``rng`` (in order when None); ``bucket`` groups similar
-        lengths (shuffle, sort within windows of 50 batches, shuffle the batches)."""
+        lengths (shuffle, sort within windows of 50 batches, shuffle the batches).
+
+        With WORLD > 1 every rank must pass an identically seeded ``rng``; each global batch of ``batch_size``
+        is split into WORLD contiguous shares and this yields share RANK (its ``total`` is the global batch
+        size). A last global batch with fewer examples than ranks is dropped, so no rank gets an empty share.
+        """
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
         order = np.arange(len(self)) if rng is None else rng.permutation(len(self))
         if bucket and rng is not None:
             window = batch_size * 50
@@ -82,7 +105,12 @@ class Examples:
         if bucket and rng is not None:
             chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         for chunk in chunks:
-            yield self.batch(chunk)
+            if world == 1:
+                yield self.batch(chunk)
+            elif len(chunk) >= world:
+                share = self.batch(np.array_split(chunk, world)[rank])
+                share.total = len(chunk)
+                yield share
 
 
 @dataclass

@@ -3,6 +3,14 @@
 Reproducibility: parameters are initialised from ``seed``; epoch e re-seeds torch (dropout, gating noise) and
 the shuffling generator from (seed, e), so a run resumed from the checkpoint of epoch e − 1 continues exactly
 as the uninterrupted run would have (on the same device and thread count).
+
+Under torchrun (``WORLD_SIZE`` > 1) the same ``fit`` trains with DistributedDataParallel: ``batch_size`` stays
+the global batch, each rank takes a contiguous share of it (``Examples.batches(rank=, world=)``), and with
+``gather_negatives`` (the default) the in-batch negatives are gathered from every rank with gradients, each
+rank's loss scaled by ``world × share / global batch`` so that DDP's gradient average is the gradient of the
+single-process loss on the global batch. Validation and test users are split over the ranks and their
+per-user metrics gathered, so every rank takes the same early-stopping decisions. Only rank 0 writes the run
+folder and the results row. The run folder must be on a filesystem every rank sees (checked).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from evaluate.metrics import METRIC_NAMES, full_ranking, mean_metrics
@@ -35,11 +45,12 @@ from evaluate.results import (
     write_per_user,
 )
 from featurestore.embed import bf16_supported
+from train import distributed as dist
 from train.config import TrainConfig
-from train.data import Examples, Split
+from train.data import Batch, Examples, Split
 from train.hparams import method_defaults
 from train.methods import ItemInputs, get_method
-from train.model import SequentialRecommender
+from train.model import RowGather, SequentialRecommender
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +116,34 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 @torch.no_grad()
 def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: TrainConfig,
                       device: torch.device) -> dict[str, np.ndarray]:
-    """Full-ranking per-user metrics of ``examples`` (one per user) under the model in eval mode."""
+    """Full-ranking per-user metrics of ``examples`` (one per user) under the model in eval mode.
+
+    Under torchrun each rank encodes a share of the items and ranks a share of the users; the item vectors
+    and the per-user metrics are gathered, so every rank returns the metrics of all users, in order.
+    """
     model.eval()
-    vectors = model.item_vectors().float()
+    world = dist.world_size()
+    if world > 1:
+        start, stop = dist.split_bounds(model.n_items, dist.rank(), world)
+        mine = (model.item_vectors(start=start, stop=stop) if stop > start
+                else torch.zeros(0, model.user_encoder.position.embedding_dim, device=device)).float()
+        vectors = dist.gather_rows(mine)[0][0]
+        examples = examples.shard(dist.rank(), world)
+    else:
+        vectors = model.item_vectors().float()
     # SASRec runs on modest user batches (its attention layout is [B, L, 3d]); ranking takes large ones
-    users = torch.cat([model.predict(batch.to(device), vectors) for batch in examples.batches(512)])
+    users = torch.cat([model.predict(batch.to(device), vectors) for batch in examples.batches(512)]
+                      or [vectors.new_zeros(0, vectors.shape[1])])
     targets = torch.from_numpy(examples.items[examples.offsets[examples.users] + examples.positions])
-    return full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
-                        histories=examples.histories() if cfg.exclude_history else None,
-                        exclude_history=cfg.exclude_history, batch_size=cfg.eval_batch_size)
+    per_user = full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
+                            histories=examples.histories() if cfg.exclude_history else None,
+                            exclude_history=cfg.exclude_history, batch_size=cfg.eval_batch_size)
+    if world == 1:
+        return per_user
+    names = list(per_user)
+    table = torch.from_numpy(np.stack([per_user[m] for m in names], axis=1)).to(vectors.device)
+    table = dist.gather_rows(table)[0][0].cpu().numpy()
+    return {m: table[:, i] for i, m in enumerate(names)}
 
 
 def build_model(cfg: TrainConfig, inputs: ItemInputs, device: torch.device) -> SequentialRecommender:
@@ -123,20 +153,56 @@ def build_model(cfg: TrainConfig, inputs: ItemInputs, device: torch.device) -> S
     return SequentialRecommender(encoder, cfg, inputs.n_items).to(device)
 
 
+class _LossForward(torch.nn.Module):
+    """The model's training loss as a ``forward``: DistributedDataParallel hooks ``forward`` calls only."""
+
+    def __init__(self, model: SequentialRecommender, gather: RowGather | None):
+        super().__init__()
+        self.model, self.gather = model, gather
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model.loss(batch, self.gather)
+
+
+def _epoch_seed(cfg: TrainConfig, epoch: int, rank: int) -> int:
+    """The torch seed of an epoch (dropout, gating noise); other ranks draw their own streams from it."""
+    seed = cfg.seed * 1_000_003 + epoch
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, results_path: Path | None = None,
         resume: bool = False, restart: bool = False, record: dict[str, Any] | None = None,
-        progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+        progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        gather_negatives: bool = True) -> RunResult:
     """Train ``cfg`` on ``split`` with the items described by ``inputs`` (store layers, or texts and the LLM
     for the end-to-end baselines), evaluate the best epoch on the test set, write the run folder and append
-    the results row. ``on_epoch`` sees each epoch's record after its checkpoint is safely on disk."""
+    the results row. ``on_epoch`` sees each epoch's record after its checkpoint is safely on disk.
+
+    Under torchrun this is data-parallel training (module docstring). ``gather_negatives=False`` keeps each
+    rank's in-batch negatives to its own share of the batch: a different objective, so the run id and the
+    recorded hyper-parameters say so; with gathered negatives (default) the run is the single-process run.
+    """
     cfg, source = resolve(cfg)
-    device = pick_device(cfg.device)
+    try:
+        dist.init_from_env(cfg.device)
+    except dist.DistributedError as exc:
+        raise RunStateError(str(exc)) from None
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    local_negatives = world > 1 and not gather_negatives and cfg.loss == "inbatch"
+    device = pick_device(dist.local_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = runs_root / (cfg.run_id or cfg.run_key())
-    if restart and run_dir.exists():
+    run_dir = runs_root / (cfg.run_id or cfg.run_key() + (f"_local{world}" if local_negatives else ""))
+    if world > 1:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            dist.check_shared_folder(run_dir, "the run folder")
+        except dist.DistributedError as exc:
+            raise RunStateError(str(exc)) from None
+    if restart and run_dir.exists() and main:
         for name in (CHECKPOINT_FILE, BEST_FILE, EPOCHS_FILE, RESULT_FILE):
             (run_dir / name).unlink(missing_ok=True)
+    dist.barrier()
     if (run_dir / RESULT_FILE).exists():
         return RunResult(run_dir, json.loads((run_dir / RESULT_FILE).read_text()), skipped=True)
     if (run_dir / CHECKPOINT_FILE).exists() and not resume:
@@ -144,7 +210,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
                             "start it over")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    per_epoch = -(-len(split.train) // cfg.batch_size)          # batches in a full epoch
+    per_epoch = split.train.n_batches(cfg.batch_size, world)   # (global) batches in a full epoch
     steps_per_epoch = -(-per_epoch // cfg.grad_accum)           # optimiser steps in a full epoch
     inputs.total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.max_epochs)
     model = build_model(cfg, inputs, device)
@@ -160,25 +226,39 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
         history, best, best_epoch, stale, start, step = (
             state[k] for k in ("history", "best", "best_epoch", "stale", "epoch", "step"))
 
-    write_json_atomic({**cfg.to_dict(), "defaults_from": source, "n_params": sum(p.numel() for p in model.parameters()),
-                       "n_train_examples": len(split.train)}, run_dir / CONFIG_FILE)
+    forward: Callable[[Batch], torch.Tensor] = model.loss
+    ddp: DistributedDataParallel | None = None
+    if world > 1:   # every rank built and loaded the same model; DDP also broadcasts rank 0's weights
+        ddp = DistributedDataParallel(_LossForward(model, None if local_negatives else dist.gather_rows),
+                                      device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)   # buffers (token ids) never change
+        forward = ddp
+    if main:
+        extra = {"world_size": world, "negatives": "local" if local_negatives else "global"} if world > 1 else {}
+        write_json_atomic({**cfg.to_dict(), "defaults_from": source,
+                           "n_params": sum(p.numel() for p in model.parameters()),
+                           "n_train_examples": len(split.train), **extra}, run_dir / CONFIG_FILE)
 
     bar = tqdm(total=cfg.max_epochs, initial=start, desc=f"{cfg.method} {cfg.dataset}", unit="epoch",
-               disable=not progress)
+               disable=not progress or not main)
     for epoch in range(start + 1, cfg.max_epochs + 1):
         if stale >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(_epoch_seed(cfg, epoch, rank))
+        rng = np.random.default_rng([cfg.seed, epoch])      # the same order on every rank
         model.train()
         tick, total, batches, epoch_steps = time.perf_counter(), 0.0, 0, 0
         optimizer.zero_grad(set_to_none=True)
-        for batch in split.train.batches(cfg.batch_size, rng, bucket=cfg.bucket_by_length):
-            with _autocast(cfg, device):
-                loss = model.loss(batch.to(device))
-                if hooks is not None:
-                    loss = loss + hooks.extra_loss()
-            (loss / cfg.grad_accum).backward()
+        for batch in split.train.batches(cfg.batch_size, rng, bucket=cfg.bucket_by_length, rank=rank, world=world):
+            syncs = (batches + 1) % cfg.grad_accum == 0 or batches + 1 == per_epoch
+            with nullcontext() if ddp is None or syncs else ddp.no_sync():   # all-reduce once per step
+                with _autocast(cfg, device):
+                    loss = forward(batch.to(device))
+                    if world > 1:   # DDP averages over ranks: weight this share by its part of the batch
+                        loss = loss * (world * len(batch) / batch.total)
+                    if hooks is not None:
+                        loss = loss + hooks.extra_loss()
+                (loss / cfg.grad_accum).backward()
             total, batches = total + float(loss.detach()), batches + 1
             if batches % cfg.grad_accum == 0 or batches == per_epoch:
                 optimizer.step()
@@ -188,7 +268,8 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
-        seconds = time.perf_counter() - tick
+        seconds = dist.max_across(time.perf_counter() - tick)
+        total = dist.sum_across(total) / world if world > 1 else total   # the global batches' mean loss
         complete = batches == per_epoch
         valid = mean_metrics(evaluate_examples(model, split.valid, cfg, device))
         history.append({"epoch": epoch, "train_loss": total / max(batches, 1), "seconds": seconds,
@@ -196,28 +277,35 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
                         "epoch_seconds": seconds if complete else seconds / max(batches, 1) * per_epoch,
                         "extrapolated": not complete, "batches": batches,
                         **{f"valid_{m}": valid[m] for m in METRIC_NAMES}})
+        # every rank has the same metrics, so takes the same decisions; rank 0 writes
         if valid[SELECT_METRIC] > best:
             best, best_epoch, stale = valid[SELECT_METRIC], epoch, 0
-            save_atomic(model.state_dict(), run_dir / BEST_FILE)
+            if main:
+                save_atomic(model.state_dict(), run_dir / BEST_FILE)
         else:
             stale += 1
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                     "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch, "step": step},
-                    run_dir / CHECKPOINT_FILE)
-        write_parquet_atomic(pl.DataFrame(history), run_dir / EPOCHS_FILE)
+        if main:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                         "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch, "step": step},
+                        run_dir / CHECKPOINT_FILE)
+            write_parquet_atomic(pl.DataFrame(history), run_dir / EPOCHS_FILE)
         bar.update(1)
-        if on_epoch is not None:
+        if on_epoch is not None and main:
             on_epoch(history[-1])
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", R10=f"{valid[SELECT_METRIC]:.4f}",
                         best=f"{best:.4f}@{best_epoch}", s=f"{seconds:.1f}")
     bar.close()
 
+    dist.barrier()                                   # rank 0's best.pt is on disk
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
     test = evaluate_examples(model, split.test, cfg, device)
-    write_per_user(run_dir, split.test.users, test)
+    if main:
+        write_per_user(run_dir, split.test.users, test)
     test_mean = mean_metrics(test)
     best_row = next(h for h in history if h["epoch"] == best_epoch)
     hparams = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "dataset", "llm", "seed", "extra")}
+    if local_negatives:
+        hparams["negatives"] = f"local/{world}"
     row = {
         "run_id": run_dir.name, "dataset": cfg.dataset, "llm": cfg.llm, "method": cfg.method,
         "hparams": json.dumps(hparams, sort_keys=True), "seed": cfg.seed,
@@ -226,12 +314,14 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
         "epochs": len(history), "best_epoch": best_epoch,
         "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in history])),
         "seconds_extrapolated": any(h["extrapolated"] for h in history),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device),
+        "peak_memory_mb": dist.max_across(peak_memory_mb(device)),
+        "device": str(device) if world == 1 else f"{device.type} x{world}",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_dir": str(run_dir),
         **(record or {}),
     }
-    write_json_atomic(row, run_dir / RESULT_FILE)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    if results_path is not None:
-        append_result(results_path, row)
+    if main:
+        write_json_atomic(row, run_dir / RESULT_FILE)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if results_path is not None:
+            append_result(results_path, row)
     return RunResult(run_dir, row, resumed_from=start)

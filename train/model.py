@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,9 @@ from torch import nn
 from train.config import TrainConfig
 from train.data import Batch
 from train.modules import SASRec
+
+# gather(*tensors) -> (each tensor's rows from every rank in rank order, where this rank's rows start)
+RowGather = Callable[..., tuple[list[torch.Tensor], int]]
 
 
 class SequentialRecommender(nn.Module):
@@ -36,13 +41,28 @@ class SequentialRecommender(nn.Module):
         users = self.user_encoder(vectors[inverse[:n_hist]], batch.lengths)
         return users, vectors[inverse[n_hist:]]
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch, gather: RowGather | None = None) -> torch.Tensor:
+        """Eq. 8 averaged over the batch's sequences: each one's target against the other targets of the batch
+        (``inbatch``) or against every item (``full``).
+
+        With GATHER (``train.distributed.gather_rows``, under DDP) the negatives are the targets of the whole
+        global batch, every rank's share: the loss of this share equals its rows' terms of the single-process
+        loss on the global batch, and gradients reach the ranks that encoded the gathered targets.
+        """
         users, targets = self(batch)
         # cosines are scaled by 1/τ ≈ 14: keep them in fp32 even under bf16 autocast
         users, targets = F.normalize(users.float(), dim=-1), targets.float()
         if self.loss_kind == "full":
             logits = users @ F.normalize(self.item_vectors(), dim=-1).T / self.temperature
             return F.cross_entropy(logits, batch.targets)
+        if gather is not None:
+            (negatives, negative_ids), offset = gather(F.normalize(targets, dim=-1), batch.targets)
+            logits = users @ negatives.T / self.temperature
+            rows = torch.arange(len(batch), device=logits.device)
+            labels = rows + offset
+            duplicate = batch.targets[:, None] == negative_ids[None, :]   # the mask uses the gathered targets
+            duplicate[rows, labels] = False
+            return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), labels)
         logits = users @ F.normalize(targets, dim=-1).T / self.temperature
         # Another sequence whose target is this sequence's positive is not a negative: mask it out.
         duplicate = batch.targets[:, None] == batch.targets[None, :]
@@ -51,11 +71,13 @@ class SequentialRecommender(nn.Module):
         labels = torch.arange(len(batch), device=logits.device)
         return F.cross_entropy(logits, labels)
 
-    def item_vectors(self, chunk: int = 2048) -> torch.Tensor:
-        """Embeddings v* of every item ``[n_items, d]``, unnormalised (with grad when training)."""
+    def item_vectors(self, chunk: int = 2048, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Embeddings v* of items ``start … stop − 1`` (default: every item) ``[stop − start, d]``, unnormalised
+        (with grad when training)."""
         device = next(self.parameters()).device
-        parts = [self.item_encoder(torch.arange(s, min(s + chunk, self.n_items), device=device))
-                 for s in range(0, self.n_items, chunk)]
+        stop = self.n_items if stop is None else stop
+        parts = [self.item_encoder(torch.arange(s, min(s + chunk, stop), device=device))
+                 for s in range(start, stop, chunk)]
         return torch.cat(parts)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from featurestore import (
     embed_items,
     list_stores,
 )
+from featurestore.distributed import is_main
 from featurestore.embed import DEFAULT_SHARD_BYTES, PRECISIONS
 from featurestore.wheels import WheelError
 from pipeline import workspace
@@ -59,7 +60,9 @@ def embed_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.",
                                   show_default=True),
 ) -> None:
-    """Stage one: store every layer's [CLS] embedding of every item text (a cache hit when nothing changed)."""
+    """Stage one: store every layer's [CLS] embedding of every item text (a cache hit when nothing changed).
+
+    Under torchrun (`make embeddings NPROC=N`) the processes share the items; only rank 0 prints."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     store_root, cache_dir = workspace.store_dir(), workspace.cache_dir()
@@ -81,6 +84,8 @@ def embed_cmd(
             except (StoreError, LLMUnavailable, WheelError, ValueError) as exc:
                 typer.echo(f"error: {data.name}/{model}: {exc}", err=True)
                 raise typer.Exit(code=1) from None
+            if not is_main():
+                continue
             stats = store.run_stats or {}
             what = ("cache hit" if stats.get("cache_hit") else
                     f"embedded {stats.get('embedded', 0)}, resumed {stats.get('resumed', 0)}, "

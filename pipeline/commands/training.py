@@ -44,10 +44,17 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     restart: bool = typer.Option(False, "--restart", help="Discard the run's previous state and start over."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    gather_negatives: bool = typer.Option(True, "--gather-negatives/--local-negatives", help="Under torchrun: "
+                                          "in-batch negatives from the whole global batch (the single-process "
+                                          "objective) or only from each process's share."),
 ) -> None:
-    """Train one method; writes runs/<run-id>/ and appends a row to the results store."""
+    """Train one method; writes runs/<run-id>/ and appends a row to the results store.
+
+    Under torchrun (`make train NPROC=N`) each process trains on its share of every batch (DDP); only rank 0
+    writes and prints."""
     from pipeline.datasets import DatasetError
     from pipeline.stages import StageError, run_training
+    from train.distributed import is_main
     from train.loop import RunStateError
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
@@ -56,10 +63,13 @@ def train_cmd(
                       bucket_by_length=bucket, exclude_history=exclude_history, device=device, autocast=autocast,
                       threads=threads, run_id=run_id)
     try:
-        result = run_training(cfg, resume=resume, restart=restart, progress=progress)
+        result = run_training(cfg, resume=resume, restart=restart, progress=progress,
+                              gather_negatives=gather_negatives)
     except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+    if not is_main():
+        return
     row = result.row
     state = "already finished; nothing trained (use --restart to train again)" if result.skipped else "finished"
     metrics = "  ".join(f"{m} {row[f'test_{m}']:.4f}" for m in ("R@10", "R@50", "N@10", "N@50"))
