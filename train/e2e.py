@@ -204,6 +204,9 @@ def _check_inputs(kind: str, cfg: TrainConfig, inputs: ItemInputs) -> None:
     if kind == "adalora" and not inputs.total_steps:
         raise ValueError("method adalora needs the run's planned optimiser steps (ItemInputs.total_steps; "
                          "train.fit sets it) for its rank schedule")
+    if kind == "adalora" and inputs.total_steps < 2:
+        raise ValueError(f"method adalora: {inputs.total_steps} planned optimiser step; its rank allocation needs "
+                         "at least 2. Fix: raise --max-steps (or the epochs) to 2 or more.")
 
 
 def build_llm_encoder(kind: str, cfg: TrainConfig, inputs: ItemInputs, device: torch.device | str) -> nn.Module:
@@ -232,7 +235,9 @@ def build_llm_encoder(kind: str, cfg: TrainConfig, inputs: ItemInputs, device: t
         model = _peft(get_peft_model, model, AdaLoraConfig(
             init_r=cfg.adalora_init_r, target_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.p,
             target_modules=list(spec.lora_targets), total_step=total, tinit=int(ADALORA_TINIT * total),
-            tfinal=int(ADALORA_TFINAL * total), deltaT=1))
+            # PEFT scores importance only before step total − tfinal, and allocates the final budget at that
+            # step from those scores: at least one step must come before it
+            tfinal=min(int(ADALORA_TFINAL * total), total - 2), deltaT=1))
         hooks = AdaLoRAHooks(model)
     else:
         unfreeze_top_layers(model, spec.n_layers, cfg.n_t)
