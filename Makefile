@@ -59,5 +59,13 @@ report: setup  ## tables and figures as one markdown page under reports/
 demo: setup  ## the whole job on ml100k + all-MiniLM-L6-v2, offline
 	$(BIN)/ssnarec demo $(ARGS)
 
+bench: setup  ## every performance figure in one run -> benchmarks/results/latest.json; README section regenerated
+	$(BIN)/python -m benchmarks.run $(ARGS)
+	$(BIN)/python -m benchmarks.readme_section
+
+bench-quick: setup  ## the same in <= 5 minutes (bounded runs, small scales, flagged in the JSON)
+	$(BIN)/python -m benchmarks.run --quick $(ARGS)
+	$(BIN)/python -m benchmarks.readme_section
+
 clean:  ## remove the workspace (keeps .venv)
 	rm -rf $(SSNAREC_HOME)

@@ -88,9 +88,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU; otherwise the process's peak resident set size."""
+    """CUDA max allocated on a GPU; otherwise this process's peak resident set size (VmHWM: unlike getrusage's
+    ru_maxrss it does not inherit the peak of a parent that exec'ed this process)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

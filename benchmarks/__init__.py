@@ -1,0 +1,1 @@
+"""Benchmark scripts; ``python -m benchmarks.run`` gathers every performance figure in one run."""
