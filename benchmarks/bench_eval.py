@@ -22,21 +22,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.hardware import cpu_model  # noqa: E402
 from evaluate.metrics import full_ranking  # noqa: E402
 from evaluate.results import write_text_atomic  # noqa: E402
 
 N_USERS, N_ITEMS, DIM = 8442, 4385, 256
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def topk_reference(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, batch_size: int = 4096) -> float:

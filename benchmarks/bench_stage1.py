@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.hardware import cpu_model  # noqa: E402
 from featurestore import embed_items, load_llm  # noqa: E402
 from featurestore.embed import ClsEmbedder, bf16_supported, token_budget_batches  # noqa: E402
 
@@ -39,16 +39,6 @@ def sci_texts(folder: Path, limit: int | None) -> tuple[list[str], list[str]]:
                    (line.split("\t") for line in (folder / "Scientific.item2index").read_text().splitlines()))
     ids = [item for _, item in order][:limit]
     return ids, [texts[item] for item in ids]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Clock:

@@ -46,6 +46,8 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:   # `python benchmarks/run.py` as well as `python -m benchmarks.run`
     sys.path.insert(0, str(REPO))
 
+from benchmarks.hardware import cpu_model  # noqa: E402
+
 SCHEMA_VERSION = 1
 RESULTS_DIR = HERE / "results"
 LATEST = "latest.json"
@@ -279,12 +281,6 @@ def synthetic_sequences(sequences: Sequence[np.ndarray], n_items: int, scale: in
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_model() -> str:
-    from benchmarks.bench_stage1 import cpu_model as model_name
-
-    return model_name()
 
 
 def hardware_base(threads: int, device: str) -> dict[str, Any]:
