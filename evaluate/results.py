@@ -9,10 +9,11 @@ killed writer never leaves a half-written table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,32 +86,30 @@ def normalise_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to; renamed onto ``path`` when the block succeeds, removed if not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        df.write_parquet(tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` atomically."""
+    with atomic_target(path) as tmp:
+        df.write_parquet(tmp)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -40,6 +38,7 @@ from evaluate.results import (
     EPOCHS_FILE,
     RESULT_FILE,
     append_result,
+    atomic_target,
     write_json_atomic,
     write_parquet_atomic,
     write_per_user,
@@ -102,14 +101,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

@@ -19,7 +19,7 @@ class DemoSettings:
     dataset: str = "ml100k"          # the embedded default dataset
     llm: str = "minilm"              # the embedded default LLM
     methods: tuple[str, ...] = ("ssna", "tmoe")
-    limit_users: int | None = 200    # train and evaluate on the first N users (None: all 943)
+    limit_users: int | None = 150    # train and evaluate on the first N users (None: all 943)
     max_epochs: int = 2              # epochs per method (early stopping still applies)
     autocast: str = "auto"           # bf16 where the CPU/GPU supports it
 
