@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from evaluate.results import read_epochs
 from evaluate.tables import (
@@ -136,6 +136,7 @@ def plot_learning_curves(results: pl.DataFrame, path: Path,
             ax.plot(c["epoch"].to_numpy(), c["valid_R@10"].to_numpy(), marker=".", label=method_label(meth))
         ax.set_title(f"{dataset_label(ds)} / {llm_label(llm)}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation R@10")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
