@@ -12,6 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Settings that change how a run executes or is named, never its result.
+EXECUTION_FIELDS = frozenset({"run_id", "device", "threads", "eval_batch_size", "preload_features", "extra"})
+IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
+
 
 @dataclass
 class TrainConfig:
@@ -86,10 +90,14 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(names)}")
         return cls(**data)
 
+    def hparams(self) -> dict[str, Any]:
+        """Every setting that can change a run's result, without the run's identity (method, dataset, LLM,
+        seed): what groups seeds of one configuration in the results store."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS | IDENTITY_FIELDS}
+
     def run_key(self) -> str:
         """A stable run id: dataset, LLM, method, seed and a short hash of every result-changing setting."""
-        skip = {"run_id", "device", "threads", "eval_batch_size", "preload_features", "extra"}
-        payload = {k: v for k, v in sorted(self.to_dict().items()) if k not in skip}
+        payload = {k: v for k, v in sorted(self.to_dict().items()) if k not in EXECUTION_FIELDS}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
         llm = self.llm.replace("/", "_")
         return f"{self.dataset}_{llm}_{self.method}_s{self.seed}_{digest}"

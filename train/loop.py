@@ -303,7 +303,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
         write_per_user(run_dir, split.test.users, test)
     test_mean = mean_metrics(test)
     best_row = next(h for h in history if h["epoch"] == best_epoch)
-    hparams = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "dataset", "llm", "seed", "extra")}
+    hparams = cfg.hparams()
     if local_negatives:
         hparams["negatives"] = f"local/{world}"
     row = {
