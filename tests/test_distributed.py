@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from synthetic import catalogue_walks
 from tinymodels import WORDS, make_tiny_llm
 
 from featurestore import open_store
@@ -41,12 +42,7 @@ def make_texts(n: int) -> tuple[list[str], list[str]]:
 
 
 def make_sequences() -> list[np.ndarray]:
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(50):
-        start, steps = rng.integers(N_ITEMS), rng.integers(1, 3, size=rng.integers(4, 10))
-        out.append(((start + np.concatenate([[0], np.cumsum(steps)])) % N_ITEMS).astype(np.int32))
-    return out
+    return catalogue_walks(50, N_ITEMS, 4, 10)
 
 
 def train_jobs(llm: Path) -> list[dict[str, Any]]:

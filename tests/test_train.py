@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.synthetic import catalogue_walks
 from train import METHODS, ItemInputs, TrainConfig, fit, leave_one_out
 from train.data import Batch
 from train.hparams import method_defaults
@@ -33,13 +34,7 @@ def features() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sequences() -> list[np.ndarray]:
-    """Users walk the catalogue in steps of one or two: the next item is learnable from the last."""
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(60):
-        start, steps = rng.integers(N_ITEMS), rng.integers(1, 3, size=rng.integers(4, 12))
-        out.append(((start + np.concatenate([[0], np.cumsum(steps)])) % N_ITEMS).astype(np.int32))
-    return out
+    return catalogue_walks(60, N_ITEMS, 4, 12)
 
 
 def inputs_for(features: np.ndarray) -> ItemInputs:
