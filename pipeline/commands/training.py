@@ -15,12 +15,12 @@ def train_cmd(
                                "adalora or full."),
     dataset: str = typer.Option(_DEFAULTS.dataset, "--dataset", "-d", help="Prepared dataset name."),
     llm: str = typer.Option(_DEFAULTS.llm, "--llm", "-l", help="LLM whose stored layers (or weights) are used."),
-    a: int | None = typer.Option(None, "--a", help=f"Top LLM layers adapted (ssna/mean/weighted); {_PAPER}."),
-    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help=f"Training batch size; {_PAPER}."),
-    n_l: int | None = typer.Option(None, "--n-l", help=f"TMLP layers; {_PAPER}."),
-    p: float | None = typer.Option(None, "--p", help=f"LoRA/AdaLoRA dropout; {_PAPER}."),
-    n_t: int | None = typer.Option(None, "--n-t", help=f"Full: top layers fine-tuned; {_PAPER}."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Batches per optimiser step; default 8 for "
+    a: int | None = typer.Option(None, "--a", show_default="paper table", help=f"Top LLM layers adapted (ssna/mean/weighted); {_PAPER}."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", show_default="paper table", help=f"Training batch size; {_PAPER}."),
+    n_l: int | None = typer.Option(None, "--n-l", show_default="paper table", help=f"TMLP layers; {_PAPER}."),
+    p: float | None = typer.Option(None, "--p", show_default="paper table", help=f"LoRA/AdaLoRA dropout; {_PAPER}."),
+    n_t: int | None = typer.Option(None, "--n-t", show_default="paper table", help=f"Full: top layers fine-tuned; {_PAPER}."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", show_default="8 for lora/adalora/full, else 1", help="Batches per optimiser step; default 8 for "
                                           "lora/adalora/full (paper), else 1."),
     gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
                                   "(Eq. 4) or bottom_up."),
@@ -29,9 +29,9 @@ def train_cmd(
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
                                  "before stopping."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps "
+    max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Stop after this many optimiser steps "
                                          "(bounded run; epoch time extrapolated and flagged)."),
-    limit_users: int | None = typer.Option(None, "--limit-users", help="Use only the first N users (bounded run)."),
+    limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users (bounded run)."),
     seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Random seed."),
     bucket: bool = typer.Option(_DEFAULTS.bucket_by_length, "--bucket/--no-bucket", help="Batch histories of "
                                 "similar length together."),
@@ -39,10 +39,10 @@ def train_cmd(
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice)."),
-    run_id: str | None = typer.Option(None, "--run-id", help="Run folder name (default: derived from settings)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
-    restart: bool = typer.Option(False, "--restart", help="Discard the run's previous state and start over."),
+    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads (default: torch's choice)."),
+    run_id: str | None = typer.Option(None, "--run-id", show_default="derived from the settings", help="Run folder name (default: derived from settings)."),
+    resume: bool = typer.Option(False, "--resume", show_default="off", help="Continue an interrupted run from its last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", show_default="off", help="Discard the run's previous state and start over."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     gather_negatives: bool = typer.Option(True, "--gather-negatives/--local-negatives", help="Under torchrun: "
                                           "in-batch negatives from the whole global batch (the single-process "
@@ -98,19 +98,19 @@ def sweep_cmd(
     llms: str = typer.Option("minilm", "--llms", help="LLMs, comma-separated."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated."),
     batch_sizes: str = typer.Option("", "--batch-sizes", help="b values; empty = the paper's best per method."),
-    a_values: str = typer.Option("", "--a", help="a values (ssna/mean/weighted); empty = the paper's best."),
+    a_values: str = typer.Option("", "--a", show_default="paper table", help="a values (ssna/mean/weighted); empty = the paper's best."),
     n_l_values: str = typer.Option("", "--n-l", help="TMLP depths; empty = the paper's best."),
     p_values: str = typer.Option("", "--p", help="LoRA/AdaLoRA dropouts; empty = the paper's best."),
     n_t_values: str = typer.Option("", "--n-t", help="Full's top layers; empty = the paper's best."),
-    paper_grid: bool = typer.Option(False, "--paper-grid", help="Search the paper's whole spaces: b in 32..256, "
+    paper_grid: bool = typer.Option(False, "--paper-grid", show_default="off", help="Search the paper's whole spaces: b in 32..256, "
                                     "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Bound each run (epoch time extrapolated)."),
-    limit_users: int | None = typer.Option(None, "--limit-users", help="Use only the first N users."),
+    max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
+    limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs without training."),
+    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
+    dry_run: bool = typer.Option(False, "--dry-run", show_default="off", help="List the runs without training."),
 ) -> None:
     """Run a grid; runs already finished (result.json in their folder) are skipped, so a rerun resumes it."""
     import itertools
