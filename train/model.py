@@ -55,21 +55,16 @@ class SequentialRecommender(nn.Module):
         if self.loss_kind == "full":
             logits = users @ F.normalize(self.item_vectors(), dim=-1).T / self.temperature
             return F.cross_entropy(logits, batch.targets)
+        negatives, negative_ids, offset = F.normalize(targets, dim=-1), batch.targets, 0
         if gather is not None:
-            (negatives, negative_ids), offset = gather(F.normalize(targets, dim=-1), batch.targets)
-            logits = users @ negatives.T / self.temperature
-            rows = torch.arange(len(batch), device=logits.device)
-            labels = rows + offset
-            duplicate = batch.targets[:, None] == negative_ids[None, :]   # the mask uses the gathered targets
-            duplicate[rows, labels] = False
-            return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), labels)
-        logits = users @ F.normalize(targets, dim=-1).T / self.temperature
+            (negatives, negative_ids), offset = gather(negatives, negative_ids)
+        logits = users @ negatives.T / self.temperature
+        rows = torch.arange(len(batch), device=logits.device)
+        labels = rows + offset
         # Another sequence whose target is this sequence's positive is not a negative: mask it out.
-        duplicate = batch.targets[:, None] == batch.targets[None, :]
-        duplicate.fill_diagonal_(False)
-        logits = logits.masked_fill(duplicate, float("-inf"))
-        labels = torch.arange(len(batch), device=logits.device)
-        return F.cross_entropy(logits, labels)
+        duplicate = batch.targets[:, None] == negative_ids[None, :]
+        duplicate[rows, labels] = False
+        return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), labels)
 
     def item_vectors(self, chunk: int = 2048, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Embeddings v* of items ``start … stop − 1`` (default: every item) ``[stop − start, d]``, unnormalised
