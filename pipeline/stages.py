@@ -44,7 +44,7 @@ def item_inputs(cfg: TrainConfig, data: Dataset) -> ItemInputs:
     """What the method reads: the stage-one store (checked against the dataset), or texts for the LLM."""
     method = get_method(cfg.method)
     if method.uses_llm:
-        texts = data.items.sort("item_idx")["text"].fill_null("").to_list()
+        texts = data.items["text"].fill_null("").to_list()
         return ItemInputs(data.n_items, texts=texts, llm=cfg.llm, cache_dir=workspace.cache_dir(),
                           preload=cfg.preload_features)
     try:
@@ -52,7 +52,7 @@ def item_inputs(cfg: TrainConfig, data: Dataset) -> ItemInputs:
     except StoreMissing:
         raise StageError(f"no embedding store for dataset {data.name!r} and LLM {cfg.llm!r}. Fix: run "
                          f"`make embeddings DATASET={data.name} LLM={cfg.llm}`") from None
-    if store.item_ids != data.items.sort("item_idx")["item_id"].to_list():
+    if store.item_ids != data.items["item_id"].to_list():
         raise StageError(f"the store at {store.folder} does not match dataset {data.name!r} (items differ: the "
                          f"dataset was prepared again). Fix: run `make embeddings DATASET={data.name} LLM={cfg.llm}` "
                          "(only changed items are re-embedded)")
@@ -113,7 +113,7 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
     from train.data import Batch
 
     model, data, cfg = load_run(run_id)
-    ids = data.items.sort("item_idx")
+    ids = data.items
     index = dict(zip(ids["item_id"].to_list(), ids["item_idx"].to_list(), strict=True))
     unknown = [item for item in history if item not in index]
     if unknown:

@@ -55,7 +55,7 @@ def demo_cmd(
     step(f"    {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions")
 
     step(f"2/4 stage one: {settings.llm} layers of every item text")
-    items = data.items.sort("item_idx")
+    items = data.items
     store = embed_items(workspace.store_dir(), data.name, items["item_id"].to_list(),
                         items["text"].fill_null("").to_list(), settings.llm, cache_dir=workspace.cache_dir(),
                         progress=progress)

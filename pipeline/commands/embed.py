@@ -72,7 +72,7 @@ def embed_cmd(
         except DatasetError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=1) from None
-        items = data.items.sort("item_idx")
+        items = data.items
         item_ids = items["item_id"].cast(pl.Utf8).to_list()
         texts = items["text"].fill_null("").to_list()
         for model in split_list(llm):
