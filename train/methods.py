@@ -32,7 +32,7 @@ class FeatureTable:
     """The store's top layers of every item, ``[n_items, a, hidden]`` in item_idx order (``[:, 0]`` = top).
 
     Rows are gathered per batch from the memory-mapped store (or from a RAM copy when ``preload``) and cast to
-    float32 on the way; the LLM is never run.
+    the compute dtype on the way; the LLM is never run.
     """
 
     def __init__(self, layers: np.ndarray, preload: bool = True, device: torch.device | str = "cpu"):
@@ -42,11 +42,15 @@ class FeatureTable:
         self._tensor = torch.from_numpy(np.ascontiguousarray(layers)).to(self.device) if preload else None
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` in the compute dtype: bf16 under bf16 autocast (the adapters' GEMMs and input dropout
+        then read them without another cast), else float32."""
+        dtype = (torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type)
+                 else torch.float32)
         if self._tensor is not None:
-            return self._tensor.index_select(0, idx.to(self.device)).float()
+            return self._tensor.index_select(0, idx.to(self.device)).to(dtype)
         rows = np.asarray(self._array[np.sort(idx.cpu().numpy())], dtype=np.float32)
         order = torch.argsort(torch.argsort(idx.cpu()))  # gathered sorted (fast on a memmap); restore order
-        return torch.from_numpy(rows)[order].to(self.device)
+        return torch.from_numpy(rows)[order].to(self.device, dtype)
 
 
 class StoreItemEncoder(nn.Module):
