@@ -14,7 +14,7 @@ from train.data import Batch
 from train.hparams import method_defaults
 from train.loop import build_model, resolve
 from train.methods import SSNAEncoder
-from train.modules import MoEAdapters, SASRec
+from train.modules import MoEAdapters, Packing, SASRec
 
 STORE_METHODS = [name for name, m in METHODS.items() if not m.uses_llm]
 N_ITEMS, N_LAYERS, HIDDEN = 40, 4, 24
@@ -140,12 +140,26 @@ def test_sasrec_has_no_padding_or_future_leak():
 def test_last_position_shortcut_equals_full_layer():
     torch.manual_seed(0)
     sasrec = SASRec(16, 2, 2, 32, 0.0, 0.0, max_len=10).eval()
-    lengths = torch.tensor([2, 5, 1])
-    real = torch.arange(5)[None, :] < lengths[:, None]
+    lengths = torch.tensor([1, 2, 2, 5])
+    packing = Packing(lengths)
     x = torch.randn(int(lengths.sum()), 16)
-    last = torch.cumsum(lengths, 0) - 1
-    full = sasrec.layers[0](x, real)[last]
-    torch.testing.assert_close(sasrec.layers[0](x, real, last), full, rtol=1e-5, atol=1e-5)
+    full = sasrec.layers[0](x, packing)[packing.last]
+    torch.testing.assert_close(sasrec.layers[0](x, packing, last_only=True), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sorted"):
+        Packing(torch.tensor([3, 1]))
+
+
+def test_length_groups_give_each_history_its_own_intent():
+    """Histories in any order, of lengths spanning several attention groups (and groups without padding): each
+    intent equals the one computed for that history alone, in the caller's order."""
+    torch.manual_seed(0)
+    sasrec = SASRec(16, 2, 2, 32, 0.0, 0.0, max_len=20).eval()
+    lengths = torch.tensor([5, 1, 3, 8, 2, 2, 16, 4, 1])
+    assert len(Packing(lengths.sort().values).groups) == 5
+    histories = [torch.randn(int(n), 16) for n in lengths]
+    together = sasrec(torch.cat(histories), lengths)
+    alone = torch.cat([sasrec(h, torch.tensor([len(h)])) for h in histories])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- every method in the registry

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,16 +42,17 @@ class MoEAdapters(nn.Module):
         x = h.transpose(0, 1)                                                   # [a, N, in]
         heads = torch.bmm(self.dropout(x), self.weight)                         # [a, N, E*out]
         heads = heads.view(self.n_adapters, n_items, self.n_experts, self.out_dim)
-        w = self.weight.view(self.n_adapters, self.in_dim, self.n_experts, self.out_dim)
-        shift = torch.einsum("aei,aieo->aeo", self.shift, w)                   # b_k W_k, once per batch
-        heads = heads - shift.unsqueeze(1)
         gate = torch.bmm(x, self.gate)                                          # [a, N, 2E]
         logits = gate[..., : self.n_experts]
         if self.training and self.noise:
             std = F.softplus(gate[..., self.n_experts:]) + self.noise_eps
             logits = logits + torch.randn_like(logits) * std
         weights = torch.softmax(logits, dim=-1)                                 # [a, N, E]
-        z = torch.einsum("ane,aneo->ano", weights, heads)
+        # Σ_k g_k (x − b_k) W_k = Σ_k g_k x W_k − Σ_k g_k (b_k W_k): the shift costs an [E, out] product per
+        # adapter instead of a pass over every item's heads
+        w = self.weight.view(self.n_adapters, self.in_dim, self.n_experts, self.out_dim)
+        shift = torch.einsum("aei,aieo->aeo", self.shift, w)                   # [a, E, out]
+        z = torch.matmul(weights.unsqueeze(-2), heads).squeeze(-2) - torch.bmm(weights, shift.to(weights.dtype))
         return z.transpose(0, 1)                                                # [N, a, out]
 
 
@@ -77,12 +80,57 @@ class MLPAdapter(nn.Module):
         return self.net(h)
 
 
+@dataclass
+class AttentionGroup:
+    """Histories ``seqs`` (all of one length class) whose items are the packed rows ``rows``."""
+
+    rows: slice
+    seqs: slice
+    lengths: torch.Tensor      # [B_g]
+    real: torch.Tensor         # [B_g, L_g]: which padded positions hold an item
+    full: bool                 # every history of the group has length L_g (no padding at all)
+
+
+class Packing:
+    """The layout of a batch of histories packed ``[T, d]`` in order of increasing length.
+
+    Attention needs the padded ``[B, L]`` layout; padding every history to the batch's longest wastes most of
+    the work when lengths are skewed (Sci: mean history 4, longest in a batch of 256 typically 37). So the
+    sorted histories are split into groups of lengths in (2^(j−1), 2^j], each padded only to its own longest.
+    Groups are contiguous in both sequence and packed-row order.
+    """
+
+    def __init__(self, lengths: torch.Tensor):
+        """``lengths [B]``, non-decreasing."""
+        sizes = lengths.tolist()
+        if any(b < a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError("Packing needs histories sorted by length")
+        if sizes and sizes[0] < 1:
+            raise ValueError("every history needs at least one item")
+        self.last = torch.cumsum(lengths, 0) - 1                      # packed index of each history's last item
+        self.groups: list[AttentionGroup] = []
+        start, row = 0, 0
+        while start < len(sizes):
+            ceiling = 1 << (sizes[start] - 1).bit_length()            # next power of two ≥ this length
+            stop = start
+            while stop < len(sizes) and sizes[stop] <= ceiling:
+                stop += 1
+            n_rows = sum(sizes[start:stop])
+            group_lengths = lengths[start:stop]
+            longest = sizes[stop - 1]
+            real = torch.arange(longest, device=lengths.device)[None, :] < group_lengths[:, None]
+            self.groups.append(AttentionGroup(slice(row, row + n_rows), slice(start, stop), group_lengths, real,
+                                              sizes[start] == longest))
+            start, row = stop, row + n_rows
+
+
 class SelfAttentionLayer(nn.Module):
     """One post-norm Transformer layer (as in SASRec/RecBole) over *packed* histories.
 
     Position-wise parts (projections, feed-forward, norms) run on the real items only, ``[T, d]``; only the
-    attention scores use the right-padded ``[B, L]`` layout, with a causal mask. With ``last_only`` the layer
-    computes just each sequence's last position (all the model needs from its final layer).
+    attention scores use a right-padded layout with a causal mask, one length group at a time (``Packing``).
+    With ``last_only`` the layer computes just each history's last position (all the model needs from its final
+    layer).
     """
 
     def __init__(self, d: int, n_heads: int, inner_size: int, hidden_dropout: float, attn_dropout: float):
@@ -97,29 +145,32 @@ class SelfAttentionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-12)
         self.dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [T, d]`` packed (row-major over ``real [B, L]``); returns ``[T, d]``, or ``[B, d]`` at the packed
-        indices ``last`` when given."""
-        batch, length = real.shape
-        d = x.shape[-1]
-        heads = self.n_heads
+    def forward(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
+        """``x [T, d]`` packed as ``packing`` says; returns ``[T, d]``, or ``[B, d]`` (each history's last
+        position) with ``last_only``."""
         qkv = self.qkv(x)
-        padded = qkv.new_zeros(batch, length, 3 * d)
-        padded[real] = qkv
-        q, k, v = padded.view(batch, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B, h, L, d/h] each
-        p = self.attn_dropout if self.training else 0.0
-        if last is None:
-            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            attended = attended.transpose(1, 2).reshape(batch, length, d)[real]
-            residual = x
-        else:
-            lengths = real.sum(1)
-            q = q[torch.arange(batch, device=x.device), :, lengths - 1].unsqueeze(2)       # [B, h, 1, d/h]
-            mask = real[:, None, None, :]                                                 # keys up to the last item
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(batch, d)
-            residual = x[last]
+        attended = torch.cat([self._attend(qkv[g.rows], g, last_only) for g in packing.groups])
+        residual = x[packing.last] if last_only else x
         h = self.norm1(residual + self.dropout(self.out(attended)))
         return self.norm2(h + self.dropout(self.ff(h)))
+
+    def _attend(self, qkv: torch.Tensor, group: AttentionGroup, last_only: bool) -> torch.Tensor:
+        batch, length = group.real.shape
+        d = qkv.shape[-1] // 3
+        if group.full:
+            padded = qkv.view(batch, length, 3 * d)
+        else:
+            padded = qkv.new_zeros(batch, length, 3 * d)
+            padded[group.real] = qkv
+        q, k, v = padded.view(batch, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        if last_only:
+            q = q[torch.arange(batch, device=qkv.device), :, group.lengths - 1].unsqueeze(2)  # [B, h, 1, d/h]
+            mask = None if group.full else group.real[:, None, None, :]                     # keys up to the last
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(batch, d)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        attended = attended.transpose(1, 2).reshape(batch, length, d)
+        return attended.reshape(batch * length, d) if group.full else attended[group.real]
 
 
 class SASRec(nn.Module):
@@ -127,8 +178,9 @@ class SASRec(nn.Module):
 
     Takes the histories packed — ``items [T, d]``, the real items of a right-padded ``[B, L]`` batch in row-major
     order — and ``lengths [B]``. Learned position embeddings → LayerNorm → dropout → post-norm Transformer
-    layers with a causal mask. Padding never enters the computation, and the last layer computes only the
-    last position of each history.
+    layers with a causal mask. Padding never enters the computation (the histories are re-packed by length so
+    that attention pads each length group only to its own longest; see ``Packing``), and the last layer computes
+    only the last position of each history.
     """
 
     def __init__(self, d: int, n_layers: int, n_heads: int, inner_size: int, hidden_dropout: float,
@@ -153,14 +205,17 @@ class SASRec(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        length = int(lengths.max())
-        if length > self.max_len:
-            raise ValueError(f"history of {length} items exceeds max_len {self.max_len}")
-        steps = torch.arange(length, device=items.device)
-        real = steps[None, :] < lengths[:, None]
-        positions = steps.expand(len(lengths), length)[real]
+        """``[B, d]``: the intent after each history, in the order of ``lengths``."""
+        if int(lengths.max()) > self.max_len:
+            raise ValueError(f"history of {int(lengths.max())} items exceeds max_len {self.max_len}")
+        source_starts = torch.cumsum(lengths, 0) - lengths           # first packed row of each given history
+        order = torch.argsort(lengths, stable=True)
+        lengths = lengths[order]
+        starts = torch.cumsum(lengths, 0) - lengths                  # … and of each history in sorted order
+        positions = torch.arange(len(items), device=items.device) - torch.repeat_interleave(starts, lengths)
+        items = items[torch.repeat_interleave(source_starts[order], lengths) + positions]
         x = self.dropout(self.norm(items + self.position(positions)))
-        last = torch.cumsum(lengths, 0) - 1                      # packed index of each history's last item
+        packing = Packing(lengths)
         for i, layer in enumerate(self.layers):
-            x = layer(x, real, last if i == len(self.layers) - 1 else None)
-        return x
+            x = layer(x, packing, last_only=i == len(self.layers) - 1)
+        return x[torch.argsort(order)]
