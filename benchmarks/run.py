@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:   # `python benchmarks/run.py` as well as `python 
     sys.path.insert(0, str(REPO))
 
 from benchmarks.hardware import cpu_model  # noqa: E402
+from pipeline.cli import ONEDNN_CACHE  # noqa: E402
 
 SCHEMA_VERSION = 1
 RESULTS_DIR = HERE / "results"
@@ -379,10 +380,11 @@ class Context:
     setup: dict[str, Any] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
-        """The environment of a child process: this run's home and thread count."""
+        """The environment of a child process: this run's home and thread count, and the oneDNN cache bound the
+        ``ssnarec`` command sets (unless the caller's environment says otherwise)."""
         n = str(self.threads)
-        return {**os.environ, "SSNAREC_HOME": str(self.home), "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-                "TOKENIZERS_PARALLELISM": "false"}
+        return {ONEDNN_CACHE[0]: ONEDNN_CACHE[1], **os.environ, "SSNAREC_HOME": str(self.home),
+                "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
 
     def run(self, cmd: list[str], what: str) -> None:
         """Run CMD (output kept in a log; its tail is shown if it fails)."""
