@@ -11,6 +11,9 @@ over those seeds, shown with the seed count, e.g. ``0.1123 (3)``. A missing cell
   p < 0.15 for a positive improvement (the paper's 85% confidence level).
 - Tables 6–7: seconds per epoch (``†`` = extrapolated from a bounded run) and peak memory, best in bold.
 - Table 8: MEAN, WEIGHTED and SSNA, best in bold.
+
+A bounded run (``max_steps`` or ``limit_users`` set) was not trained to early stop: its time and memory count in
+Tables 6–7, its metrics nowhere (a method with bounded runs only shows "—" in Tables 2–5 and 8, with a note).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ GROUP_KEYS: tuple[str, ...] = ("dataset", "llm", "method")
 # hparams keys that identify a run or how it was executed, not the configuration whose seeds are averaged.
 NON_CONFIG_KEYS: frozenset[str] = frozenset(
     {"seed", "run_id", "device", "threads", "eval_batch_size", "preload_features", "resume", "progress"})
+# hparams keys that make a run bounded (not trained to early stop).
+BOUNDING_KEYS: tuple[str, ...] = ("max_steps", "limit_users")
 PerUserLoader = Callable[[Path], pl.DataFrame]
 
 
@@ -107,18 +112,29 @@ def config_key(hparams_json: str | None) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def is_bounded(key: str) -> bool:
+    """Whether a configuration (``config_key``) bounds its runs by optimiser steps or users."""
+    try:
+        params = json.loads(key) if key else {}
+    except json.JSONDecodeError:
+        return False
+    return isinstance(params, dict) and any(params.get(k) is not None for k in BOUNDING_KEYS)
+
+
 def with_config_key(results: pl.DataFrame) -> pl.DataFrame:
     """Replace the hparams column by :func:`config_key` of it."""
     return results.with_columns(pl.col("hparams").map_elements(config_key, return_dtype=pl.String))
 
 
 def summarise(results: pl.DataFrame) -> pl.DataFrame:
-    """One row per (dataset, llm, method): the configuration with the best mean validation R@10.
+    """One row per (dataset, llm, method): the configuration with the best mean validation R@10, among the
+    unbounded ones when there are any.
 
     Runs whose hparams differ only in NON_CONFIG_KEYS (seed, run_id, device, …) are seeds of one configuration.
-    Columns: dataset, llm, method, hparams (the config key), n_seeds, seeds (list), run_dirs (list), valid_R@10,
-    test_<metric> (means over seeds), seconds_per_epoch (mean), seconds_extrapolated (any), peak_memory_mb
-    (mean), device (the first recorded). Ties on validation R@10 go to more seeds, then to the hparams string, so the choice is stable.
+    Columns: dataset, llm, method, hparams (the config key), bounded, n_seeds, seeds (list), run_dirs (list),
+    valid_R@10, test_<metric> (means over seeds), seconds_per_epoch (mean), seconds_extrapolated (any),
+    peak_memory_mb (mean), device (the first recorded). Ties on validation R@10 go to more seeds, then to the
+    hparams string, so the choice is stable.
     """
     if results.is_empty():
         return results.select(*GROUP_KEYS, "hparams").with_columns(pl.lit(0).alias("n_seeds"))
@@ -136,13 +152,30 @@ def summarise(results: pl.DataFrame) -> pl.DataFrame:
             pl.col("peak_memory_mb").mean(),
             pl.col("device").drop_nulls().first(),
         )
-        .sort(["valid_R@10", "n_seeds", "hparams"], descending=[True, True, False], nulls_last=True)
+        .with_columns(pl.col("hparams").map_elements(is_bounded, return_dtype=pl.Boolean).alias("bounded"))
+        .sort(["bounded", "valid_R@10", "n_seeds", "hparams"], descending=[False, True, True, False],
+              nulls_last=True)
     )
     return per_config.unique(subset=list(GROUP_KEYS), keep="first", maintain_order=True).sort(list(GROUP_KEYS))
 
 
 def _lookup(summary: pl.DataFrame) -> dict[tuple[str, str, str], dict]:
     return {(r["dataset"], r["llm"], r["method"]): r for r in summary.iter_rows(named=True)}
+
+
+def _quality_lookup(summary: pl.DataFrame) -> dict[tuple[str, str, str], dict]:
+    """Like ``_lookup``, without bounded configurations: their metrics are not results."""
+    return _lookup(summary.filter(~pl.col("bounded")) if "bounded" in summary.columns else summary)
+
+
+def _bounded_note(summary: pl.DataFrame, llm: str, methods: Sequence[str]) -> list[str]:
+    """A note naming the methods shown as "—" because they have bounded runs only."""
+    part = summary.filter((pl.col("llm") == llm) & pl.col("method").is_in(list(methods)) & pl.col("bounded"))
+    if part.is_empty():
+        return []
+    names = ", ".join(method_label(m) for m in ordered(part["method"].to_list(), METHOD_ORDER))
+    return [f"{names}: bounded runs only (not trained to early stop), so no metrics here; their time and memory "
+            "are in Tables 6–7."]
 
 
 def mark_best(cells: Sequence[Cell], *, higher_is_better: bool = True, second: bool = True, digits: int = 4) -> None:
@@ -187,7 +220,7 @@ def _datasets_for(summary: pl.DataFrame, llm: str, methods: Sequence[str]) -> li
 
 def performance_tables(summary: pl.DataFrame) -> list[Table]:
     """Tables 2–4: one overall-performance table per LLM that has any main-method run."""
-    lookup = _lookup(summary)
+    lookup = _quality_lookup(summary)
     tables = []
     for llm in ordered(summary["llm"].to_list(), LLM_ORDER):
         datasets = _datasets_for(summary, llm, MAIN_METHODS)
@@ -198,13 +231,14 @@ def performance_tables(summary: pl.DataFrame) -> list[Table]:
             f"Overall Performance ({llm_label(llm)}), layout of Tables 2–4")
         table = _performance_table(f"performance_{llm}", title, lookup, llm, MAIN_METHODS, datasets, second=True)
         table.notes.append("Test metrics of the configuration with the best validation R@10, mean over seeds (seed count).")
+        table.notes += _bounded_note(summary, llm, MAIN_METHODS)
         tables.append(table)
     return tables
 
 
 def integration_tables(summary: pl.DataFrame) -> list[Table]:
     """Table 8: MEAN, WEIGHTED and SSNA per LLM that has a MEAN or WEIGHTED run."""
-    lookup = _lookup(summary)
+    lookup = _quality_lookup(summary)
     tables = []
     for llm in ordered(summary["llm"].to_list(), LLM_ORDER):
         if summary.filter((pl.col("llm") == llm) & pl.col("method").is_in(["mean", "weighted"])).is_empty():
@@ -213,6 +247,7 @@ def integration_tables(summary: pl.DataFrame) -> list[Table]:
         table = _performance_table(f"integration_{llm}", f"Table 8: Comparison on Integration Strategy ({llm_label(llm)})",
                                    lookup, llm, INTEGRATION_METHODS, datasets, second=False)
         table.notes.append("Best of each row in bold.")
+        table.notes += _bounded_note(summary, llm, INTEGRATION_METHODS)
         tables.append(table)
     return tables
 
@@ -262,8 +297,8 @@ def _improvement_cells(lookup: dict, llm: str, base: str, datasets: Sequence[str
 
 def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_user) -> Table | None:
     """Table 5: SSNA's improvement (%) over each baseline, per LLM and metric, averaged over datasets."""
-    lookup = _lookup(summary)
-    llms = ordered(summary.filter(pl.col("method") == "ssna")["llm"].to_list(), LLM_ORDER)
+    lookup = _quality_lookup(summary)
+    llms = ordered([llm for _, llm, method in lookup if method == "ssna"], LLM_ORDER)
     if not llms:
         return None
     notes = [
@@ -281,7 +316,7 @@ def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_us
     rows: list[list[str | Cell]] = []
     untested: list[str] = []
     for llm in llms:
-        ssna_datasets = _datasets_for(summary, llm, ("ssna",))
+        ssna_datasets = ordered([ds for ds, lm, method in lookup if lm == llm and method == "ssna"], DATASET_ORDER)
         columns: list[dict[str, Cell]] = []
         covered: dict[str, str] = {}
         for base in BASELINES:
@@ -298,6 +333,7 @@ def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_us
             notes.extend(f"{llm_label(llm)} vs {b}: averaged over {d}." for b, d in covered.items())
         for i, m in enumerate(METRIC_NAMES):
             rows.append([llm_label(llm) if i == 0 else "", m, *(col[m] for col in columns)])
+        notes += _bounded_note(summary, llm, BASELINES)
     if untested:
         notes.append(f"(no test): some run lacks test_per_user.parquet, so no t-test for {', '.join(untested)}.")
     return Table("improvement", "Table 5: Performance Improvement of SSNA (%)",

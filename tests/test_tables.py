@@ -174,6 +174,26 @@ def test_efficiency_and_integration_tables(home: Path) -> None:
     assert f"| Sci | R@10 | 0.2500 (1) | {MISSING} | **0.3000 (1)** |" in md and "<u>" not in md
 
 
+def test_bounded_runs_count_for_time_and_memory_only(home: Path) -> None:
+    """A LoRA run bounded by --max-steps has an (extrapolated) epoch time and a peak memory, but its metrics after a
+    few steps are not a result: Tables 2 and 5 show "—" for it, with a note, and never pick it over a full run."""
+    fake_run(home, "ssna", method="ssna", seconds=5.0, test=0.3, per_user=per_user_hits(np.array([1, 0, 1, 1])))
+    fake_run(home, "lora-bounded", method="lora", hparams={"p": 0.1, "max_steps": 8}, seconds=500.0,
+             extrapolated=True, memory_mb=4096.0, valid=0.9, test=0.01, per_user=per_user_hits(np.array([0, 0, 0, 0])))
+    fake_run(home, "tmoe-bounded", method="tmoe", hparams={"limit_users": 150}, valid=0.9, test=0.9)
+    fake_run(home, "tmoe", method="tmoe", valid=0.1, test=0.2)
+    tables = build_tables(load_results(home / RESULTS_FILE))
+    performance = render_markdown(table(tables, "performance_tiny"))
+    assert f"| Sci | R@10 | {MISSING} | {MISSING} | {MISSING} | {MISSING} | <u>0.2000 (1)</u> | **0.7500 (1)** |" in performance
+    assert "LoRA: bounded runs only" in performance and "TMoE: bounded" not in performance
+    improvement = render_markdown(table(tables, "improvement"))
+    assert f"| tiny | R@10 | {MISSING} | {MISSING} | {MISSING} | {MISSING} | 275.0" in improvement
+    assert "LoRA: bounded runs only" in improvement
+    runtime = render_markdown(table(tables, "runtime"))
+    assert "| tiny | LoRA | 500.0† |" in runtime and "LoRA 100.0×" in runtime
+    assert "| tiny | LoRA | 4.00 |" in render_markdown(table(tables, "memory"))
+
+
 def test_filters_select_datasets_and_llms(home: Path) -> None:
     fake_run(home, "a", dataset="sci", llm="tiny", test=0.3)
     fake_run(home, "b", dataset="ins", llm="other", test=0.2)
