@@ -95,6 +95,9 @@ def atomic_target(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)            # what a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

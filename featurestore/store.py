@@ -98,6 +98,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def umask_mode() -> int:
+    """The mode a plain ``open()`` gives a new file under this process's umask (mkstemp's temp files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to TARGET; on success fsync it and ``os.replace`` it onto TARGET."""
@@ -109,6 +116,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -313,6 +321,7 @@ def write_index(folder: Path, index: pl.DataFrame) -> dict[str, Any]:
             os.fsync(handle.fileno())
         sha = sha256_file(tmp)
         target = folder / f"index-{sha[:16]}.parquet"
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, target)
         _fsync_dir(folder)
     finally:

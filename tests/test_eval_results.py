@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def test_append_and_reload(home: Path) -> None:
     df = load_results(path)
     assert df.height == 2 and df.filter(pl.col("run_id") == "r1")["seed"].to_list() == [5]
     assert not list(home.glob("*.tmp")) and not list(home.glob(".*.tmp"))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # readable as any new file, not mkstemp's 0600
 
 
 def test_bad_rows_are_rejected(home: Path) -> None:

@@ -135,6 +135,9 @@ def test_multi_shard_store_and_index(home, tiny):
     store = embed_items(home / "store2", "toy", ids, texts, str(tiny["roberta"]), cache_dir=home / "cache",
                         precision="fp32", progress=False, max_length=24, shard_bytes=25 * row_bytes)
     assert [s["rows"] for s in store.manifest["shards"]] == [25, 25, 20]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in store.folder.iterdir() if f.is_file()} == {0o666 & ~mask}
     np.testing.assert_array_equal(store.top_layers(2), single)
     index = store.index
     assert index["item_idx"].to_list() == list(range(70)) and index["item_id"].to_list() == ids
