@@ -7,8 +7,6 @@ returns its path, or returns None when the results hold nothing to plot.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from evaluate.results import read_epochs
+from evaluate.results import atomic_target, read_epochs
 from evaluate.tables import (
     DATASET_ORDER,
     LLM_ORDER,
@@ -53,17 +51,10 @@ def _group_key(dataset: str, llm: str) -> tuple:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG at ``path`` through a temp file in the same folder and ``os.replace``."""
+    """Save ``fig`` as PNG at ``path`` atomically; the canvas grows to fit titles wider than the axes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 
