@@ -82,10 +82,9 @@ class MLPAdapter(nn.Module):
 
 @dataclass
 class AttentionGroup:
-    """Histories ``seqs`` (all of one length class) whose items are the packed rows ``rows``."""
+    """Histories of one length class, whose items are the packed rows ``rows``."""
 
     rows: slice
-    seqs: slice
     lengths: torch.Tensor      # [B_g]
     real: torch.Tensor         # [B_g, L_g]: which padded positions hold an item
     full: bool                 # every history of the group has length L_g (no padding at all)
@@ -119,8 +118,7 @@ class Packing:
             group_lengths = lengths[start:stop]
             longest = sizes[stop - 1]
             real = torch.arange(longest, device=lengths.device)[None, :] < group_lengths[:, None]
-            self.groups.append(AttentionGroup(slice(row, row + n_rows), slice(start, stop), group_lengths, real,
-                                              sizes[start] == longest))
+            self.groups.append(AttentionGroup(slice(row, row + n_rows), group_lengths, real, sizes[start] == longest))
             start, row = stop, row + n_rows
 
 
@@ -206,8 +204,9 @@ class SASRec(nn.Module):
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``[B, d]``: the intent after each history, in the order of ``lengths``."""
-        if int(lengths.max()) > self.max_len:
-            raise ValueError(f"history of {int(lengths.max())} items exceeds max_len {self.max_len}")
+        longest = int(lengths.max())
+        if longest > self.max_len:
+            raise ValueError(f"history of {longest} items exceeds max_len {self.max_len}")
         source_starts = torch.cumsum(lengths, 0) - lengths           # first packed row of each given history
         order = torch.argsort(lengths, stable=True)
         lengths = lengths[order]
