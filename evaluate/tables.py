@@ -137,7 +137,8 @@ def summarise(results: pl.DataFrame) -> pl.DataFrame:
     hparams string, so the choice is stable.
     """
     if results.is_empty():
-        return results.select(*GROUP_KEYS, "hparams").with_columns(pl.lit(0).alias("n_seeds"))
+        return results.select(*GROUP_KEYS, "hparams").with_columns(pl.lit(False).alias("bounded"),
+                                                                    pl.lit(0).alias("n_seeds"))
     per_config = (
         with_config_key(results)
         .group_by(*GROUP_KEYS, "hparams")
@@ -165,7 +166,7 @@ def _lookup(summary: pl.DataFrame) -> dict[tuple[str, str, str], dict]:
 
 def _quality_lookup(summary: pl.DataFrame) -> dict[tuple[str, str, str], dict]:
     """Like ``_lookup``, without bounded configurations: their metrics are not results."""
-    return _lookup(summary.filter(~pl.col("bounded")) if "bounded" in summary.columns else summary)
+    return _lookup(summary.filter(~pl.col("bounded")))
 
 
 def _bounded_note(summary: pl.DataFrame, llm: str, methods: Sequence[str]) -> list[str]:
