@@ -33,14 +33,6 @@ E2E = ("lora", "adalora", "full")
 METHODS = (*E2E, "ssna")
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process (Linux /proc), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def prepare(home: Path, shared: Path, max_tokens: int) -> dict[str, Any]:
     """The Sci dataset and SSNA's MiniLM store under HOME (cache hits when already there)."""
     os.environ["SSNAREC_HOME"] = str(home)
@@ -62,6 +54,7 @@ def child(method: str, args: argparse.Namespace) -> dict[str, Any]:
     from featurestore import open_store
     from pipeline import datasets, workspace
     from train import ItemInputs, TrainConfig, fit, leave_one_out, resolve
+    from train.loop import proc_status_mb
 
     torch.set_num_threads(args.threads)
     ds = datasets.load("sci")
@@ -79,7 +72,7 @@ def child(method: str, args: argparse.Namespace) -> dict[str, Any]:
                           max_tokens=args.max_tokens, threads=args.threads, autocast=args.autocast,
                           grad_checkpointing=args.grad_checkpointing, device="cpu",
                           run_id=f"bench-{method}-{os.getpid()}")
-    baseline = rss_mb()                                       # imports, dataset and split; before fit
+    baseline = proc_status_mb("VmRSS")                       # imports, dataset and split; before fit
     started = time.perf_counter()
     result = fit(cfg, split, inputs, workspace.runs_dir(), progress=False)
     run_config = json.loads((result.run_dir / "config.json").read_text())

@@ -691,14 +691,6 @@ class _FitProbe:
             loop.evaluate_examples, SequentialRecommender.loss = original_eval, original_loss
 
 
-def proc_status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (``VmRSS``: current resident set, ``VmHWM``: its peak), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); False where not allowed.
 
@@ -721,6 +713,7 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     from featurestore import open_store
     from pipeline import datasets, workspace
     from train import ItemInputs, TrainConfig, fit, get_method, leave_one_out
+    from train.loop import proc_status_mb
 
     torch.set_num_threads(spec["threads"])
     ds = datasets.load("sci")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -86,18 +87,26 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``: current resident set, ``VmHWM``: its peak) in MiB; NaN
+    where the file or the field is absent (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on a GPU; otherwise this process's peak resident set size (VmHWM: unlike getrusage's
     ru_maxrss it does not inherit the peak of a parent that exec'ed this process)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = proc_status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if math.isnan(peak) else peak
 
 
 def save_atomic(obj: Any, path: Path) -> None:
