@@ -20,8 +20,8 @@ def train_cmd(
     n_l: int | None = typer.Option(None, "--n-l", show_default="paper table", help=f"TMLP layers; {_PAPER}."),
     p: float | None = typer.Option(None, "--p", show_default="paper table", help=f"LoRA/AdaLoRA dropout; {_PAPER}."),
     n_t: int | None = typer.Option(None, "--n-t", show_default="paper table", help=f"Full: top layers fine-tuned; {_PAPER}."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", show_default="8 for lora/adalora/full, else 1", help="Batches per optimiser step; default 8 for "
-                                          "lora/adalora/full (paper), else 1."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", show_default="8 for lora/adalora/full, else 1", help="Batches per optimiser step (the "
+                                          "paper's 8 for the end-to-end baselines)."),
     gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
                                   "(Eq. 4) or bottom_up."),
     loss: str = typer.Option(_DEFAULTS.loss, "--loss", help="inbatch (Eq. 8) or full (softmax over all items)."),
@@ -39,8 +39,8 @@ def train_cmd(
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
-    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads (default: torch's choice)."),
-    run_id: str | None = typer.Option(None, "--run-id", show_default="derived from the settings", help="Run folder name (default: derived from settings)."),
+    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
+    run_id: str | None = typer.Option(None, "--run-id", show_default="derived from the settings", help="Run folder name."),
     resume: bool = typer.Option(False, "--resume", show_default="off", help="Continue an interrupted run from its last checkpoint."),
     restart: bool = typer.Option(False, "--restart", show_default="off", help="Discard the run's previous state and start over."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
