@@ -11,7 +11,7 @@ import polars as pl
 
 from evaluate.plots import plot_efficiency, plot_fig3, plot_learning_curves
 from evaluate.results import read_epochs, read_per_user, write_text_atomic
-from evaluate.tables import PerUserLoader, build_tables, filter_results, render_markdown, write_tables
+from evaluate.tables import DEFAULT_LOSS, LOSS_LABELS, PerUserLoader, build_tables, filter_results, render_markdown, write_tables
 
 FIGURES: tuple[tuple[str, str], ...] = (
     ("fig3_layers.png", "Fig. 3: SSNA test R@10 against the number of adapted layers a"),
@@ -21,7 +21,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
 
 
 def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence[str] | None = None,
-                 llms: Sequence[str] | None = None, per_user_loader: PerUserLoader = read_per_user,
+                 llms: Sequence[str] | None = None, loss: str = DEFAULT_LOSS, per_user_loader: PerUserLoader = read_per_user,
                  epochs_loader: Callable[[Path], pl.DataFrame] = read_epochs, source: str | None = None) -> Path:
     """Write tables.md/.txt, the three figures and report.md into ``reports_dir``; return report.md's path.
 
@@ -29,8 +29,8 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
     report is removed so the page never links an outdated figure.
     """
     reports_dir = Path(reports_dir)
-    results = filter_results(results, datasets, llms)
-    tables = build_tables(results, per_user_loader=per_user_loader)
+    results = filter_results(results, datasets, llms, loss)
+    tables = build_tables(results, loss=loss, per_user_loader=per_user_loader)
     write_tables(tables, reports_dir)
     makers = {
         "fig3_layers.png": lambda p: plot_fig3(results, p),
@@ -42,7 +42,8 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
     lines = [
         "# ssnarec report",
         "",
-        f"Generated {now} from {n_runs} finished run(s)" + (f" in `{source}`" if source else "") + ".",
+        f"Generated {now} from {n_runs} finished run(s)" + (f" in `{source}`" if source else "")
+        + f" trained with the loss {loss} ({LOSS_LABELS[loss]}).",
     ]
     if n_runs:
         lines.append(

@@ -205,6 +205,22 @@ def test_filters_select_datasets_and_llms(home: Path) -> None:
     assert perf.rows[0][0] == "Ins"
 
 
+def test_losses_never_share_a_table(home: Path) -> None:
+    """A full-softmax run is another experiment, not a better configuration: the default tables (the paper's
+    in-batch loss, also for rows recorded without a loss) never pick it, and --loss full shows only it."""
+    fake_run(home, "inbatch", method="tmoe", hparams={"loss": "inbatch"}, valid=0.1, test=0.2)
+    fake_run(home, "legacy", method="ssna", hparams={"a": 3}, valid=0.1, test=0.3)
+    fake_run(home, "full", method="tmoe", hparams={"loss": "full"}, valid=0.9, test=0.4)
+    results = load_results(home / RESULTS_FILE)
+    default = render_markdown(table(build_tables(results), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | <u>0.2000 (1)</u> | **0.3000 (1)** |" in default
+    assert "loss inbatch" in default
+    full = render_markdown(table(build_tables(results, loss="full"), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | 0.4000 (1) | — |" in full and "loss full" in full
+    with pytest.raises(ValueError, match="unknown loss 'softmax'"):
+        build_tables(results, loss="softmax")
+
+
 def test_figures_and_report(home: Path) -> None:
     reports = home / "reports"
     empty = load_results(home / RESULTS_FILE)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 DATASET_HELP = "Only these datasets (comma-separated, e.g. sci,ins); empty = all in the results store."
 LLM_HELP = "Only these LLMs (comma-separated, e.g. minilm,distilbert); empty = all in the results store."
 RESULTS_HELP = "Results store to read; empty = $SSNAREC_HOME/results.parquet."
+LOSS_HELP = ("Only runs trained with this loss: inbatch (the paper's Eq. 8) or full (softmax over all items); "
+             "the two never share a table.")
 
 
 def _split(value: str) -> list[str]:
@@ -37,6 +39,14 @@ def _load(value: str) -> tuple[Path, pl.DataFrame]:
         raise typer.Exit(code=1) from err
 
 
+def _check_loss(value: str) -> None:
+    from evaluate.tables import LOSS_LABELS
+
+    if value not in LOSS_LABELS:
+        typer.echo(f"error: --loss {value!r} is not a loss; choose one of: {', '.join(LOSS_LABELS)}", err=True)
+        raise typer.Exit(code=2)
+
+
 def _results_path(value: str) -> Path:
     from evaluate.results import RESULTS_FILE
 
@@ -47,13 +57,15 @@ def eval_command(
     dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
     llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
+    loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
     from evaluate.tables import build_tables, render_markdown, render_text, write_tables
 
     path, frame = _load(results)
-    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm))
+    _check_loss(loss)
+    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss)
     if not tables:
         typer.echo(f"No finished runs in {path}" + (" for that filter" if frame.height else "")
                    + "; train some first, e.g. `make train METHOD=ssna DATASET=sci LLM=minilm`.")
@@ -68,13 +80,15 @@ def report_command(
     dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
     llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
+    loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
 
     path, frame = _load(results)
+    _check_loss(loss)
     report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset),
-                          llms=_split(llm), source=str(path))
+                          llms=_split(llm), loss=loss, source=str(path))
     typer.echo(str(report))
 
 
