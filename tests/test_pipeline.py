@@ -90,3 +90,14 @@ def test_sweep_dry_run_lists_the_paper_grid(prepared):
     assert result.exit_code == 0, result.output
     # ssna: 4 batch sizes × 2 a; tmlp: 4 batch sizes × 3 depths; each for 2 seeds
     assert result.output.splitlines()[0] == f"{(8 + 12) * 2} runs"
+
+
+def test_sweep_loss_option_names_other_runs(prepared):
+    """--loss full is part of each run's identity: the same grid lists other run folders than the in-batch one."""
+    def keys(*extra):
+        result = CliRunner().invoke(app, ["sweep", "--methods", "tmoe", "--datasets", "toy", "--llms", "x",
+                                          "--seeds", "0", "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()[1:]
+    assert len(keys()) == len(keys("--loss", "full")) == 1
+    assert keys() != keys("--loss", "full") and keys() == keys("--loss", "inbatch")

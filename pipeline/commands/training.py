@@ -104,6 +104,7 @@ def sweep_cmd(
     n_t_values: str = typer.Option("", "--n-t", help="Full's top layers; empty = the paper's best."),
     paper_grid: bool = typer.Option(False, "--paper-grid", show_default="off", help="Search the paper's whole spaces: b in 32..256, "
                                     "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
+    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help="inbatch (Eq. 8) or full (softmax over all items)."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
@@ -130,7 +131,7 @@ def sweep_cmd(
             raise typer.Exit(code=1)
         spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields]
         for combo in itertools.product(*spaces):
-            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, max_epochs=max_epochs,
+            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, max_epochs=max_epochs,
                                     patience=patience, max_steps=max_steps, limit_users=limit_users,
                                     autocast=autocast, threads=threads, **dict(zip(fields, combo, strict=True))))
     typer.echo(f"{len(plan)} runs")
