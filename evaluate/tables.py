@@ -83,6 +83,7 @@ class Table:
     header: list[str]
     rows: list[list[str | Cell]]
     notes: list[str] = field(default_factory=list)
+    label_columns: int = 2  # leading columns aligned left; the rest (numbers) right
 
 
 def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -347,6 +348,59 @@ def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_us
                  ["LLMs", "Metric", *(method_label(b) for b in BASELINES)], rows, notes)
 
 
+# Settings named in the seeds table's configuration column (with their short names), besides any that differ.
+SETTING_LABELS: dict[str, str] = {"a": "a", "batch_size": "b", "n_l": "n_l", "p": "p", "n_t": "n_t"}
+
+
+def config_label(key: str, varying: Iterable[str] = ()) -> str:
+    """Short text of a configuration key: the SETTING_LABELS settings it sets, then the ``varying`` ones."""
+    params = json.loads(key) if key else {}
+    names = [k for k in SETTING_LABELS if params.get(k) is not None]
+    names += sorted(k for k in varying if k not in SETTING_LABELS)
+    return ", ".join(f"{SETTING_LABELS.get(k, k)} = {params.get(k)}" for k in names) or "defaults"
+
+
+def _spread_cell(mean: float | None, sd: float | None, n: int) -> str:
+    if mean is None:
+        return MISSING
+    return f"{mean:.4f} ± {sd:.4f}" if n > 1 and sd is not None else f"{mean:.4f}"
+
+
+def seeds_table(results: pl.DataFrame) -> Table | None:
+    """Every configuration trained to early stop, its seeds and its test metrics as mean ± sample SD over them;
+    ✓ marks the configuration the other tables report (best mean validation R@10)."""
+    runs = with_config_key(results)
+    runs = runs.filter(~pl.col("hparams").map_elements(is_bounded, return_dtype=pl.Boolean)) if runs.height else runs
+    if runs.is_empty():
+        return None
+    per_config = (runs.group_by(*GROUP_KEYS, "hparams")
+                  .agg(pl.col("seed").sort().alias("seeds"), pl.col("valid_R@10").mean(),
+                       *(pl.col(f"test_{m}").mean() for m in METRIC_NAMES),
+                       *(pl.col(f"test_{m}").std().alias(f"sd_{m}") for m in METRIC_NAMES)))
+    reported = {(r["dataset"], r["llm"], r["method"], r["hparams"]) for r in summarise(results).iter_rows(named=True)}
+    rows: list[list[str | Cell]] = []
+    for ds in ordered(per_config["dataset"].to_list(), DATASET_ORDER):
+        for llm in ordered(per_config.filter(pl.col("dataset") == ds)["llm"].to_list(), LLM_ORDER):
+            part = per_config.filter((pl.col("dataset") == ds) & (pl.col("llm") == llm))
+            for meth in ordered(part["method"].to_list(), METHOD_ORDER):
+                configs = part.filter(pl.col("method") == meth).sort(["valid_R@10", "hparams"], descending=[True, False],
+                                                                     nulls_last=True)
+                params = [json.loads(k) if k else {} for k in configs["hparams"].to_list()]
+                varying = {k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1}
+                for r in configs.iter_rows(named=True):
+                    n = len(r["seeds"])
+                    mark = "✓" if (ds, llm, meth, r["hparams"]) in reported else ""
+                    rows.append([dataset_label(ds), llm_label(llm), method_label(meth),
+                                 config_label(r["hparams"], varying), mark, ", ".join(map(str, r["seeds"])),
+                                 f"{r['valid_R@10']:.4f}" if r["valid_R@10"] is not None else MISSING,
+                                 *(_spread_cell(r[f"test_{m}"], r[f"sd_{m}"], n) for m in METRIC_NAMES)])
+    return Table("seeds", "Seeds: every configuration trained to early stop",
+                 ["Dataset", "LLM", "Method", "Configuration", "Reported", "Seeds", "Valid R@10",
+                  *(f"Test {m}" for m in METRIC_NAMES)], rows,
+                 ["Test metrics as mean ± sample standard deviation over the seeds (one seed: the value alone).",
+                  "✓ = the configuration the tables above report (best mean validation R@10)."], label_columns=6)
+
+
 def _efficiency_table(summary: pl.DataFrame, key: str, title: str, column: str,
                       fmt: Callable[[dict], str]) -> Table | None:
     part = summary.filter(pl.col(column).is_not_null())
@@ -451,6 +505,9 @@ def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None
         table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}.")
     tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
     tables += integration_tables(summary)
+    seeds = seeds_table(results)
+    if seeds is not None:
+        tables.append(seeds)
     return tables
 
 
@@ -465,7 +522,7 @@ def _cell_text(cell: str | Cell, markdown: bool) -> str:
 def render_markdown(table: Table) -> str:
     """The table as GitHub markdown: a heading, a pipe table (bold best, underlined second), notes."""
     lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(table.header))) + "|"]
+             "|" + "|".join("---" if i < table.label_columns else "---:" for i in range(len(table.header))) + "|"]
     lines += ["| " + " | ".join(_cell_text(c, True) for c in row) + " |" for row in table.rows]
     if table.notes:
         lines += [""] + [f"{n}  " for n in table.notes]
@@ -478,7 +535,7 @@ def render_text(table: Table) -> str:
     widths = [max(len(r[i]) for r in body) for i in range(len(table.header))]
 
     def line(r: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+        return "  ".join(v.ljust(w) if i < table.label_columns else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip()
 
     out = [table.title, line(body[0]), "-" * len(line(body[0]))] + [line(r) for r in body[1:]]
     marks = any(isinstance(c, Cell) and c.mark for row in table.rows for c in row)

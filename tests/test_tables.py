@@ -96,7 +96,7 @@ def test_performance_table_missing_cells_means_and_marks(home: Path) -> None:
     assert len(perf.rows) == len(METRIC_NAMES)
     txt = render_text(perf)
     assert "0.2500 (2) ▲" in txt and "0.2000 (1) △" in txt and MISSING in txt
-    assert {t.key for t in tables} == {"performance_tiny", "improvement", "runtime", "memory"}  # no Table 8 yet
+    assert {t.key for t in tables} == {"performance_tiny", "improvement", "runtime", "memory", "seeds"}  # no Table 8 yet
 
 
 def test_best_config_is_chosen_on_validation(home: Path) -> None:
@@ -265,3 +265,20 @@ def test_eval_and_report_commands(home: Path) -> None:
     assert result.exit_code == 1 and "results.parquet" in result.output and "Traceback" not in result.output
     help_text = runner.invoke(app, ["eval", "--help"]).output
     assert "--dataset" in help_text and "comma-separated" in help_text
+
+
+def test_seeds_table_mean_and_sample_sd_per_configuration(home: Path) -> None:
+    """Each unbounded configuration gets one row: its seeds, and mean ± sample SD (n − 1) of the test metrics;
+    the reported configuration (best mean validation R@10) is ticked; bounded runs are left out."""
+    fake_run(home, "a3s0", method="ssna", seed=0, hparams={"a": 3, "batch_size": 256}, valid=0.10, test=0.10)
+    fake_run(home, "a3s1", method="ssna", seed=1, hparams={"a": 3, "batch_size": 256}, valid=0.12, test=0.20)
+    fake_run(home, "a3s2", method="ssna", seed=2, hparams={"a": 3, "batch_size": 256}, valid=0.14, test=0.30)
+    fake_run(home, "a2s0", method="ssna", seed=0, hparams={"a": 2, "batch_size": 256}, valid=0.11, test=0.50)
+    fake_run(home, "bounded", method="lora", hparams={"p": 0.1, "max_steps": 8}, valid=0.9, test=0.9)
+    seeds = table(build_tables(load_results(home / RESULTS_FILE)), "seeds")
+    assert [row[:6] for row in seeds.rows] == [["Sci", "tiny", "SSNA", "a = 3, b = 256", "✓", "0, 1, 2"],
+                                               ["Sci", "tiny", "SSNA", "a = 2, b = 256", "", "0"]]
+    sd = np.sqrt(((0.1 - 0.2) ** 2 + 0 + (0.3 - 0.2) ** 2) / 2)
+    assert seeds.rows[0][6:] == ["0.1200", *[f"0.2000 ± {sd:.4f}"] * len(METRIC_NAMES)]
+    assert seeds.rows[1][6:] == ["0.1100", *["0.5000"] * len(METRIC_NAMES)]
+    assert "| Sci | tiny | SSNA | a = 3, b = 256 | ✓ | 0, 1, 2 | 0.1200 | 0.2000 ± 0.1000 |" in render_markdown(seeds)
