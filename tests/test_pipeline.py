@@ -57,6 +57,10 @@ def test_train_eval_recommend(prepared, monkeypatch):
     evaluated = CliRunner().invoke(app, ["eval", "--dataset", "toy"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "SSNA" in evaluated.output.upper()
+    full_only = CliRunner().invoke(app, ["eval", "--dataset", "toy", "--loss", "full"])
+    assert full_only.exit_code == 0 and "No finished runs" in full_only.output
+    wrong = CliRunner().invoke(app, ["eval", "--loss", "softmax"])
+    assert wrong.exit_code == 2 and "inbatch, full" in wrong.output
 
     rec = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 I002,I003", "-k", "5"])
     assert rec.exit_code == 0, rec.output
