@@ -11,7 +11,15 @@ import polars as pl
 
 from evaluate.plots import plot_efficiency, plot_fig3, plot_learning_curves
 from evaluate.results import read_epochs, read_per_user, write_text_atomic
-from evaluate.tables import DEFAULT_LOSS, LOSS_LABELS, PerUserLoader, build_tables, filter_results, render_markdown, write_tables
+from evaluate.tables import (
+    DEFAULT_LOSS,
+    LOSS_LABELS,
+    PerUserLoader,
+    build_tables,
+    filter_results,
+    render_markdown,
+    write_tables,
+)
 
 FIGURES: tuple[tuple[str, str], ...] = (
     ("fig3_layers.png", "Fig. 3: SSNA test R@10 against the number of adapted layers a"),

@@ -151,3 +151,45 @@ def test_readme_section_fails_clearly_without_markers(tmp_path, text, problem):
     with pytest.raises(readme_section.MarkerError, match=problem):
         readme_section.update_readme(readme, results)
     assert readme.read_text() == text
+
+
+class FakeEvent:
+    """A CUDA event stand-in: record() stamps a clock the test advances; elapsed_time() is in milliseconds."""
+
+    clock_ms = 0.0
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing, "CudaClock must ask for timing events"
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = FakeEvent.clock_ms
+
+    def synchronize(self) -> None:
+        assert self.at is not None, "synchronize() on an event never recorded"
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.at - self.at
+
+
+def test_cuda_clock_records_event_time_and_peak_memory(monkeypatch):
+    """The GPU branch of `make bench` (no GPU here): CUDA event time and max allocated memory of the block, peak
+    statistics reset on entry; on a CPU device the clock records nothing."""
+    import torch
+
+    from benchmarks.run import CudaClock
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.clock_ms = 100.0
+    with CudaClock("cuda:0") as clock:
+        FakeEvent.clock_ms = 350.0
+    assert calls == ["synchronize", "reset"]
+    assert clock.result() == {"event_seconds": 0.25, "max_memory_allocated_mb": 3.0}
+    with CudaClock("cpu") as cpu_clock:
+        pass
+    assert cpu_clock.result() is None
