@@ -366,9 +366,10 @@ def _spread_cell(mean: float | None, sd: float | None, n: int) -> str:
     return f"{mean:.4f} ± {sd:.4f}" if n > 1 and sd is not None else f"{mean:.4f}"
 
 
-def seeds_table(results: pl.DataFrame) -> Table | None:
+def seeds_table(results: pl.DataFrame, summary: pl.DataFrame) -> Table | None:
     """Every configuration trained to early stop, its seeds and its test metrics as mean ± sample SD over them;
-    ✓ marks the configuration the other tables report (best mean validation R@10)."""
+    ✓ marks the configuration the other tables report (best mean validation R@10: ``summary``, from
+    :func:`summarise` of the same results)."""
     runs = with_config_key(results)
     runs = runs.filter(~pl.col("hparams").map_elements(is_bounded, return_dtype=pl.Boolean)) if runs.height else runs
     if runs.is_empty():
@@ -377,7 +378,7 @@ def seeds_table(results: pl.DataFrame) -> Table | None:
                   .agg(pl.col("seed").sort().alias("seeds"), pl.col("valid_R@10").mean(),
                        *(pl.col(f"test_{m}").mean() for m in METRIC_NAMES),
                        *(pl.col(f"test_{m}").std().alias(f"sd_{m}") for m in METRIC_NAMES)))
-    reported = {(r["dataset"], r["llm"], r["method"], r["hparams"]) for r in summarise(results).iter_rows(named=True)}
+    reported = {(r["dataset"], r["llm"], r["method"], r["hparams"]) for r in summary.iter_rows(named=True)}
     rows: list[list[str | Cell]] = []
     for ds in ordered(per_config["dataset"].to_list(), DATASET_ORDER):
         for llm in ordered(per_config.filter(pl.col("dataset") == ds)["llm"].to_list(), LLM_ORDER):
@@ -472,6 +473,13 @@ def speedup_notes(summary: pl.DataFrame) -> list[str]:
     return notes
 
 
+def check_loss(loss: str) -> str:
+    """``loss`` when it names a training loss; ValueError naming the choices otherwise."""
+    if loss not in LOSS_LABELS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSS_LABELS)}")
+    return loss
+
+
 def run_loss(hparams_json: str | None) -> str:
     """The loss a run trained with (its ``loss`` hparam; DEFAULT_LOSS when absent)."""
     return str(hparam(hparams_json, "loss") or DEFAULT_LOSS)
@@ -482,8 +490,7 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
     """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss`` (any when
     None)."""
     if loss is not None:
-        if loss not in LOSS_LABELS:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSS_LABELS)}")
+        check_loss(loss)
         if not results.is_empty():
             results = results.filter(pl.col("hparams").map_elements(run_loss, return_dtype=pl.String) == loss)
     if datasets:
@@ -505,7 +512,7 @@ def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None
         table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}.")
     tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
     tables += integration_tables(summary)
-    seeds = seeds_table(results)
+    seeds = seeds_table(results, summary)
     if seeds is not None:
         tables.append(seeds)
     return tables

@@ -40,11 +40,14 @@ def _load(value: str) -> tuple[Path, pl.DataFrame]:
 
 
 def _check_loss(value: str) -> None:
-    from evaluate.tables import LOSS_LABELS
+    """Exit 2 with evaluate's message when --loss names no training loss (before any table is built)."""
+    from evaluate.tables import check_loss
 
-    if value not in LOSS_LABELS:
-        typer.echo(f"error: --loss {value!r} is not a loss; choose one of: {', '.join(LOSS_LABELS)}", err=True)
-        raise typer.Exit(code=2)
+    try:
+        check_loss(value)
+    except ValueError as err:
+        typer.echo(f"error: --loss: {err}", err=True)
+        raise typer.Exit(code=2) from err
 
 
 def _results_path(value: str) -> Path:

@@ -8,6 +8,7 @@ from train.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
 _PAPER = "default: the paper's Tables S1–S3 for this dataset × LLM"
+_LOSS_HELP = "inbatch (Eq. 8) or full (softmax over all items)."
 
 
 def train_cmd(
@@ -24,7 +25,7 @@ def train_cmd(
                                           "paper's 8 for the end-to-end baselines)."),
     gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
                                   "(Eq. 4) or bottom_up."),
-    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help="inbatch (Eq. 8) or full (softmax over all items)."),
+    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
@@ -104,7 +105,7 @@ def sweep_cmd(
     n_t_values: str = typer.Option("", "--n-t", help="Full's top layers; empty = the paper's best."),
     paper_grid: bool = typer.Option(False, "--paper-grid", show_default="off", help="Search the paper's whole spaces: b in 32..256, "
                                     "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
-    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help="inbatch (Eq. 8) or full (softmax over all items)."),
+    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
