@@ -353,15 +353,17 @@ class Plan:
     train_steps: int | None           # optimiser steps of the SSNA/TMoE runs (None: whole epochs)
     train_epochs: int                 # epochs of the SSNA/TMoE runs when whole (the median counts)
     lora_steps: int                   # LoRA optimiser steps (8 batches of 32 each); its epoch is extrapolated
+    memory_steps: int                 # SSNA optimiser steps of the profiled tensor-memory run (CPU only)
+    memory_lora_steps: int            # LoRA optimiser steps of the profiled tensor-memory run (CPU only)
     scales: tuple[int, ...]           # catalogue multiples of the scaling runs
     scale_items: int | None           # stage-one scaling base: first N Sci items (None: all)
     scale_users: int | None           # SSNA scaling base: first N Sci users and the items they touch (None: all)
 
 
 QUICK = Plan(stage1_limit=384, stage1_repeats=1, eval_repeats=3, train_steps=8, train_epochs=1, lora_steps=1,
-             scales=(1, 2, 4), scale_items=256, scale_users=256)
+             memory_steps=8, memory_lora_steps=1, scales=(1, 2, 4), scale_items=256, scale_users=256)
 FULL = Plan(stage1_limit=None, stage1_repeats=2, eval_repeats=5, train_steps=None, train_epochs=2, lora_steps=10,
-            scales=(1, 4, 16), scale_items=None, scale_users=None)
+            memory_steps=30, memory_lora_steps=3, scales=(1, 4, 16), scale_items=None, scale_users=None)
 
 
 @dataclass
@@ -399,7 +401,7 @@ class Context:
         """One training measurement (``train_child``) in a fresh process; returns its JSON result."""
         spec = {"threads": self.threads, "device": self.device, "autocast": self.autocast,
                 "cache_dir": str(self.cache_dir), "runs": str(self.scratch / "runs"), **spec}
-        name = f"{spec['method']}-x{spec.get('scale', 1)}"
+        name = f"{spec['method']}-x{spec.get('scale', 1)}{'-memory' if spec.get('tensor_memory') else ''}"
         spec_path, out = self.scratch / f"{name}.spec.json", self.scratch / f"{name}.out.json"
         spec_path.write_text(json.dumps(spec))
         self.run([sys.executable, "-m", "benchmarks.run", "--child-spec", str(spec_path), "--child-out", str(out)],
@@ -474,14 +476,15 @@ def _train_how(row: dict[str, Any]) -> tuple[str, bool, int]:
     return how, bool(row["extrapolated"]), steps
 
 
-def _memory_mb(row: dict[str, Any]) -> tuple[float, float, str]:
-    """A run's (training memory, total peak, what they are): on a GPU CUDA max allocated (both); on CPU the
-    child's peak RSS during training above its RSS just before (Python, libraries and the dataset left out),
-    and the peak RSS itself."""
-    if row["device"].startswith("cuda"):
-        return row["fit_peak_memory_mb"], row["fit_peak_memory_mb"], "CUDA max_memory_allocated"
-    return (row["peak_rss_mb"] - row["baseline_rss_mb"], row["peak_rss_mb"],
-            "peak RSS (VmHWM) during train.fit above the RSS before it")
+def _rss_mb(row: dict[str, Any]) -> tuple[float, float]:
+    """A CPU run's (peak RSS during train.fit above the RSS just before it, the peak RSS itself) in MiB."""
+    return row["peak_rss_mb"] - row["baseline_rss_mb"], row["peak_rss_mb"]
+
+
+def _tensor_mb(row: dict[str, Any]) -> float:
+    """A profiled CPU run's peak tensor memory, plus the store rows it holds as a NumPy array (the profiler sees
+    only torch's allocator; on a GPU those rows are a device tensor and count in max_memory_allocated)."""
+    return row["tensor_peak_mb"] + row["feature_table_mb"]
 
 
 def group_train(ctx: Context) -> list[dict[str, Any]]:
@@ -492,12 +495,11 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
         ssna = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, **store_run})
         tmoe = ctx.child({"method": "tmoe", "batch_size": SSNA_BATCH, **store_run})
         lora = ctx.child({"method": "lora", "steps": plan.lora_steps, "epochs": 1})
+    memory = _memory_entry(ctx, ssna, lora, hw)
     ssna_how, ssna_x, ssna_steps = _train_how(ssna)
     tmoe_how, tmoe_x, _ = _train_how(tmoe)
     lora_how, lora_x, lora_steps = _train_how(lora)
     s, t, lo = ssna["seconds_per_epoch"], tmoe["seconds_per_epoch"], lora["seconds_per_epoch"]
-    ssna_mem, ssna_total, mem_how = _memory_mb(ssna)
-    lora_mem, lora_total, _ = _memory_mb(lora)
     rows = {"ssna": ssna, "tmoe": tmoe, "lora": lora}
     brief = {name: {k: r[k] for k in ("seconds_per_epoch", "epoch_seconds", "extrapolated", "batches_measured",
                                        "batches_per_epoch", "batch_size", "grad_accum", "steps", "peak_rss_mb",
@@ -515,11 +517,39 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
         make_entry("lora_over_ssna_epoch_ratio", lo / s, hardware=hw, extrapolated=True, bounded=True,
                    steps=lora_steps, measured=f"LoRA (batch 32 × 8 accumulated): {lora_how}; SSNA: {ssna_how}",
                    values={"lora": brief["lora"], "ssna": brief["ssna"]}),
-        make_entry("ssna_over_lora_peak_memory_ratio", ssna_mem / lora_mem, hardware=hw, extrapolated=False,
-                   bounded=True, steps=lora_steps, measured=f"{mem_how}, each method in its own process",
-                   values={"ssna_mb": ssna_mem, "lora_mb": lora_mem, "ssna_peak_total_mb": ssna_total,
-                           "lora_peak_total_mb": lora_total, "total_ratio": ssna_total / lora_total}),
+        memory,
     ]
+
+
+def _memory_entry(ctx: Context, ssna: dict[str, Any], lora: dict[str, Any], hw: dict[str, Any]) -> dict[str, Any]:
+    """SSNA's peak training memory ÷ LoRA's. On a GPU: CUDA max_memory_allocated of the timed runs. On CPU:
+    peak tensor memory from torch.profiler's allocation events (the CPU counterpart of max_memory_allocated) in
+    two more runs, profiled, since profiling slows the timed ones; the peak RSS of the timed runs beside it."""
+    if ssna["device"].startswith("cuda"):
+        s_mb, l_mb = ssna["fit_peak_memory_mb"], lora["fit_peak_memory_mb"]
+        return make_entry("ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=hw, extrapolated=False,
+                          bounded=True, steps=int(lora["steps"]),
+                          measured="CUDA max_memory_allocated, each method in its own process",
+                          values={"ssna_mb": s_mb, "lora_mb": l_mb})
+    plan = ctx.plan
+    with load_window(ctx.hardware) as hw:
+        ssna_p = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, "steps": plan.memory_steps,
+                            "epochs": 1, "tensor_memory": True})
+        lora_p = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, "epochs": 1, "tensor_memory": True})
+    s_mb, l_mb = _tensor_mb(ssna_p), _tensor_mb(lora_p)
+    (s_rss, s_total), (l_rss, l_total) = _rss_mb(ssna), _rss_mb(lora)
+    return make_entry(
+        "ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=hw, extrapolated=False, bounded=True,
+        steps=int(lora_p["steps"]),
+        measured=(f"peak tensor memory (torch.profiler CPU allocations, + SSNA's store rows) over the first "
+                  f"{plural(int(ssna_p['steps']), 'optimiser step')} of SSNA and {plural(int(lora_p['steps']), 'optimiser step')} "
+                  "of LoRA, each method in its own profiled process"),
+        values={"ssna_mb": s_mb, "lora_mb": l_mb, "ssna_tensor_peak_mb": ssna_p["tensor_peak_mb"],
+                "ssna_feature_table_mb": ssna_p["feature_table_mb"], "lora_tensor_peak_mb": lora_p["tensor_peak_mb"],
+                "ssna_steps": int(ssna_p["steps"]), "lora_steps": int(lora_p["steps"]),
+                "rss_ratio": s_rss / l_rss, "ssna_rss_mb": s_rss, "lora_rss_mb": l_rss,
+                "ssna_peak_total_mb": s_total, "lora_peak_total_mb": l_total, "total_ratio": s_total / l_total,
+                "rss_measured": "peak RSS (VmHWM) during the timed runs' train.fit above the RSS before it"})
 
 
 def cuda_ranking(device: str, repeats: int) -> dict[str, float] | None:
@@ -691,6 +721,39 @@ class _FitProbe:
             loop.evaluate_examples, SequentialRecommender.loss = original_eval, original_loss
 
 
+class TensorMemoryPeak:
+    """Peak MiB held by torch's CPU allocator inside a ``with`` block, counted from the block's start: the
+    ``[memory]`` events of ``torch.profiler`` (``profile_memory=True``) carry the allocator's running total. The
+    CPU counterpart of ``torch.cuda.max_memory_allocated``; memory outside torch's allocator (NumPy arrays,
+    Python objects, libraries) is not in it."""
+
+    CPU = 0          # the events' "Device Type" of the CPU
+
+    def __init__(self, trace_dir: Path):
+        self.trace_dir, self.peak_mb, self.events = trace_dir, float("nan"), 0
+
+    def __enter__(self) -> TensorMemoryPeak:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        with tempfile.TemporaryDirectory(dir=self.trace_dir) as tmp:
+            trace = Path(tmp) / "trace.json"
+            self._profile.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        totals = [e["args"]["Total Allocated"] for e in events
+                  if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == self.CPU]
+        if not totals:
+            raise RuntimeError("torch.profiler recorded no CPU allocation events: nothing ran in the profiled block")
+        self.peak_mb, self.events = max(totals) / 2**20, len(totals)
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); False where not allowed.
 
@@ -721,6 +784,12 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     sequences, source = synthetic_sequences(ds.sequences, ds.n_items, scale, spec.get("users"))
     n_items = len(source)
     split = leave_one_out(sequences, n_items)
+    held_rows: list[int] = []     # bytes of the store rows the method reads (a NumPy array, unseen by the profiler)
+
+    def store_rows(rows: np.ndarray) -> np.ndarray:
+        held_rows.append(rows.nbytes)
+        return rows
+
     if get_method(spec["method"]).uses_llm:
         texts = ds.items.sort("item_idx")["text"].fill_null("").to_list()
         inputs = ItemInputs(n_items, texts=[texts[i] for i in source], llm="minilm",
@@ -728,8 +797,8 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         store = open_store(workspace.store_dir(), "sci", "minilm")
         identity = scale == 1 and n_items == store.n_items
-        inputs = ItemInputs(n_items, layers=store.top_layers if identity
-                            else lambda a: np.ascontiguousarray(store.top_layers(a)[source]))
+        inputs = ItemInputs(n_items, layers=lambda a: store_rows(
+            store.top_layers(a) if identity else np.ascontiguousarray(store.top_layers(a)[source])))
     cfg = TrainConfig(method=spec["method"], dataset="sci", llm="minilm", seed=0, a=spec.get("a"),
                       batch_size=spec.get("batch_size"), max_steps=spec.get("steps"), max_epochs=spec["epochs"],
                       patience=spec["epochs"], max_tokens=MAX_TOKENS, threads=spec["threads"],
@@ -738,8 +807,9 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     probe = _FitProbe(cuda=torch.cuda.is_available() and spec["device"] != "cpu")
     baseline = proc_status_mb("VmRSS")
     peak_reset = reset_peak_rss()
+    tensors = TensorMemoryPeak(Path(spec["runs"])) if spec.get("tensor_memory") else contextlib.nullcontext()
     started = time.perf_counter()
-    with probe.installed():
+    with probe.installed(), tensors:
         result = fit(cfg, split, inputs, Path(spec["runs"]), progress=False)
     wall = time.perf_counter() - started
     epochs = read_epochs(result.run_dir)
@@ -761,7 +831,9 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
             "fit_peak_memory_mb": result.row["peak_memory_mb"], "device": result.row["device"],
             "baseline_rss_mb": baseline, "peak_rss_mb": proc_status_mb("VmHWM"), "peak_rss_reset": peak_reset,
             "trainable_params": probe.trainable, "unique_items_per_batch": float(np.mean(probe.unique_items)),
-            "cuda": cuda, "wall_seconds": wall}
+            "cuda": cuda, "wall_seconds": wall, "feature_table_mb": sum(held_rows) / 2**20,
+            **({"tensor_peak_mb": tensors.peak_mb, "tensor_memory_events": tensors.events}
+               if isinstance(tensors, TensorMemoryPeak) else {})}
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -789,6 +861,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--lora-steps", type=int, default=None, help="LoRA optimiser steps (default: quick 1, full 10)")
     add("--train-steps", type=int, default=None,
         help="SSNA/TMoE optimiser steps, 0 = whole epochs (default: quick 8, full whole epochs)")
+    add("--memory-steps", default=None, help="optimiser steps of the profiled tensor-memory runs on CPU, as "
+        "SSNA,LORA (default: quick 8,1; full 30,3)")
     add("--stage1-items", type=int, default=None, help="Sci items in the stage-one comparison, 0 = all "
         "(default: quick 256, full all)")
     add("--child-spec", type=Path, help=argparse.SUPPRESS)
@@ -811,6 +885,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan = replace(plan, lora_steps=max(1, args.lora_steps))
     if args.train_steps is not None:
         plan = replace(plan, train_steps=args.train_steps or None)
+    if args.memory_steps:
+        try:
+            ssna_steps, lora_steps = (int(x) for x in args.memory_steps.split(","))
+        except ValueError:
+            raise SystemExit(f"--memory-steps {args.memory_steps!r}: give two integers, SSNA,LORA, e.g. 30,3") from None
+        plan = replace(plan, memory_steps=max(1, ssna_steps), memory_lora_steps=max(1, lora_steps))
     if args.stage1_items is not None:
         plan = replace(plan, stage1_limit=args.stage1_items or None)
     return plan

@@ -20,6 +20,7 @@ from benchmarks import readme_section  # noqa: E402
 from benchmarks.run import (  # noqa: E402
     KEYS,
     LATEST,
+    TensorMemoryPeak,
     make_entry,
     read_results,
     scaling_exponent,
@@ -193,3 +194,23 @@ def test_cuda_clock_records_event_time_and_peak_memory(monkeypatch):
     with CudaClock("cpu") as cpu_clock:
         pass
     assert cpu_clock.result() is None
+
+
+def test_tensor_memory_peak_counts_torch_allocations_from_the_block_start(tmp_path):
+    import torch
+
+    before = torch.ones(2**20)                          # 4 MiB allocated before the block: not counted
+    with TensorMemoryPeak(tmp_path) as probe:
+        big = torch.ones(2 * 2**20)                     # 8 MiB
+        del big
+        small = torch.ones(2**18)                       # 1 MiB, after the 8 MiB were freed
+        del before
+    assert 8.0 <= probe.peak_mb < 8.5
+    assert probe.events >= 2 and small.numel() == 2**18
+    assert not list(tmp_path.iterdir())                 # the profiler's trace is not left behind
+
+
+def test_tensor_memory_peak_refuses_a_block_that_allocated_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="no CPU allocation events"):
+        with TensorMemoryPeak(tmp_path):
+            pass
