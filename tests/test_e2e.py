@@ -306,3 +306,25 @@ def test_bad_inputs_are_refused_with_the_fix(tiny_llms, home):
         build_llm_encoder("adalora", cfg, inputs(llm, home, total_steps=1), "cpu")
     with pytest.raises(ValueError, match="unknown end-to-end method"):
         build_llm_encoder("bitfit", cfg, inputs(llm, home), "cpu")
+
+
+class _Planned(Exception):
+    """Raised by a stand-in build_model once fit has planned the run."""
+
+
+@pytest.mark.parametrize("adalora_epochs", [None, 3])
+def test_adalora_schedule_spans_adalora_epochs_else_max_epochs(tiny_llms, home, monkeypatch, adalora_epochs):
+    planned = []
+
+    def stop_at_build(cfg, inputs, device):
+        planned.append(inputs.total_steps)
+        raise _Planned
+
+    monkeypatch.setattr(loop, "build_model", stop_at_build)
+    cfg = config("adalora", tiny_llms["bert"], max_epochs=20, adalora_epochs=adalora_epochs)
+    split = leave_one_out(sequences(), N_ITEMS, cfg.max_len)
+    with pytest.raises(_Planned):
+        fit(cfg, split, inputs(tiny_llms["bert"], home), home / "runs", progress=False)
+    batches = -(-len(split.train) // cfg.batch_size)
+    steps_per_epoch = -(-batches // cfg.grad_accum)
+    assert planned == [steps_per_epoch * (adalora_epochs or cfg.max_epochs)]

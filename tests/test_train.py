@@ -273,3 +273,19 @@ def test_bounded_run_extrapolates_and_says_so(tmp_path, features, sequences):
     cfg = tiny_cfg("tmlp", batch_size=8, max_steps=3, max_epochs=5)
     row = fit(cfg, split, inputs_for(features), tmp_path, progress=False).row
     assert row["seconds_extrapolated"] is True and row["epochs"] == 1
+
+
+def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
+    import hashlib
+    from dataclasses import replace
+
+    from train.config import ADDED_LATER, EXECUTION_FIELDS
+
+    cfg = TrainConfig(method="adalora", dataset="sci", llm="minilm", seed=0, p=0.1, batch_size=32, grad_accum=8)
+    # the id an earlier version (without the ADDED_LATER fields) gave this configuration
+    before = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in EXECUTION_FIELDS | set(ADDED_LATER)}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+    assert cfg.run_key() == f"sci_minilm_adalora_s0_{digest}"
+    assert not set(ADDED_LATER) & set(cfg.hparams())
+    changed = replace(cfg, adalora_epochs=80)
+    assert changed.run_key() != cfg.run_key() and changed.hparams()["adalora_epochs"] == 80

@@ -15,6 +15,10 @@ from typing import Any
 # Settings that change how a run executes or is named, never its result.
 EXECUTION_FIELDS = frozenset({"run_id", "device", "threads", "eval_batch_size", "preload_features", "extra"})
 IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
+# Settings added after runs had been recorded, each with the value every earlier run had: while a run keeps that
+# value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
+# splits no group of seeds.
+ADDED_LATER: dict[str, Any] = {"adalora_epochs": None}
 
 
 @dataclass
@@ -39,6 +43,8 @@ class TrainConfig:
     lora_r: int = 8                   # LoRA rank; AdaLoRA's target average rank
     lora_alpha: int = 16              # LoRA scaling numerator (scale = alpha / r)
     adalora_init_r: int = 12          # AdaLoRA starting rank per matrix, pruned towards lora_r
+    adalora_epochs: int | None = None  # epochs AdaLoRA's rank schedule spans (None: max_epochs; set it near the
+    #                                    epochs the run will early-stop at, or the budget is barely pruned by then)
     max_tokens: int = 64              # item text length in tokens for the in-loop LLM (as stage one)
     grad_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more time)
 
@@ -90,14 +96,18 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(names)}")
         return cls(**data)
 
+    def _recorded(self) -> dict[str, Any]:
+        """Every field, less the ADDED_LATER ones still at the value earlier runs had."""
+        return {k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+
     def hparams(self) -> dict[str, Any]:
         """Every setting that can change a run's result, without the run's identity (method, dataset, LLM,
         seed): what groups seeds of one configuration in the results store."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS | IDENTITY_FIELDS}
+        return {k: v for k, v in self._recorded().items() if k not in EXECUTION_FIELDS | IDENTITY_FIELDS}
 
     def run_key(self) -> str:
         """A stable run id: dataset, LLM, method, seed and a short hash of every result-changing setting."""
-        payload = {k: v for k, v in sorted(self.to_dict().items()) if k not in EXECUTION_FIELDS}
+        payload = {k: v for k, v in sorted(self._recorded().items()) if k not in EXECUTION_FIELDS}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
         llm = self.llm.replace("/", "_")
         return f"{self.dataset}_{llm}_{self.method}_s{self.seed}_{digest}"

@@ -221,7 +221,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
 
     per_epoch = split.train.n_batches(cfg.batch_size, world)   # (global) batches in a full epoch
     steps_per_epoch = -(-per_epoch // cfg.grad_accum)           # optimiser steps in a full epoch
-    inputs.total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.max_epochs)
+    inputs.total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * (cfg.adalora_epochs or cfg.max_epochs))
     model = build_model(cfg, inputs, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -23,6 +23,9 @@ def train_cmd(
     n_t: int | None = typer.Option(None, "--n-t", show_default="paper table", help=f"Full: top layers fine-tuned; {_PAPER}."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", show_default="8 for lora/adalora/full, else 1", help="Batches per optimiser step (the "
                                           "paper's 8 for the end-to-end baselines)."),
+    adalora_epochs: int | None = typer.Option(None, "--adalora-epochs", show_default="--max-epochs", help="Epochs "
+                                              "AdaLoRA's rank schedule spans; set it near where the run will "
+                                              "early-stop, or the rank budget is barely pruned by then."),
     gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
                                   "(Eq. 4) or bottom_up."),
     loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
@@ -59,7 +62,7 @@ def train_cmd(
     from train.loop import RunStateError
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
-                      grad_accum=grad_accum, gru_order=gru_order, loss=loss, lr=lr, max_epochs=max_epochs,
+                      grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, loss=loss, lr=lr, max_epochs=max_epochs,
                       patience=patience, max_steps=max_steps, limit_users=limit_users, seed=seed,
                       bucket_by_length=bucket, exclude_history=exclude_history, device=device, autocast=autocast,
                       threads=threads, run_id=run_id)
