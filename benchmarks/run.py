@@ -784,6 +784,7 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     sequences, source = synthetic_sequences(ds.sequences, ds.n_items, scale, spec.get("users"))
     n_items = len(source)
     split = leave_one_out(sequences, n_items)
+    llm = spec.get("llm", "minilm")   # registry name or model folder (stage one's store must exist for it)
     held_rows: list[int] = []     # bytes of the store rows the method reads (a NumPy array, unseen by the profiler)
 
     def store_rows(rows: np.ndarray) -> np.ndarray:
@@ -792,14 +793,14 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if get_method(spec["method"]).uses_llm:
         texts = ds.items.sort("item_idx")["text"].fill_null("").to_list()
-        inputs = ItemInputs(n_items, texts=[texts[i] for i in source], llm="minilm",
+        inputs = ItemInputs(n_items, texts=[texts[i] for i in source], llm=llm,
                             cache_dir=Path(spec["cache_dir"]))
     else:
-        store = open_store(workspace.store_dir(), "sci", "minilm")
+        store = open_store(workspace.store_dir(), "sci", llm)
         identity = scale == 1 and n_items == store.n_items
         inputs = ItemInputs(n_items, layers=lambda a: store_rows(
             store.top_layers(a) if identity else np.ascontiguousarray(store.top_layers(a)[source])))
-    cfg = TrainConfig(method=spec["method"], dataset="sci", llm="minilm", seed=0, a=spec.get("a"),
+    cfg = TrainConfig(method=spec["method"], dataset="sci", llm=llm, seed=0, a=spec.get("a"),
                       batch_size=spec.get("batch_size"), max_steps=spec.get("steps"), max_epochs=spec["epochs"],
                       patience=spec["epochs"], max_tokens=MAX_TOKENS, threads=spec["threads"],
                       autocast=spec["autocast"], device=spec["device"],
