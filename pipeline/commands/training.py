@@ -62,8 +62,8 @@ def train_cmd(
     from train.loop import RunStateError
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
-                      grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, loss=loss, lr=lr, max_epochs=max_epochs,
-                      patience=patience, max_steps=max_steps, limit_users=limit_users, seed=seed,
+                      grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, loss=loss, lr=lr,
+                      max_epochs=max_epochs, patience=patience, max_steps=max_steps, limit_users=limit_users, seed=seed,
                       bucket_by_length=bucket, exclude_history=exclude_history, device=device, autocast=autocast,
                       threads=threads, run_id=run_id)
     try:
