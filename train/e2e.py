@@ -14,7 +14,8 @@ Unlike every store-based method, these run the LLM inside the training loop. The
   ``max_epochs``): ``tinit`` = 10 % and ``tfinal`` = 30 % of them (the budget falls cubically in between),
   re-allocation every step (``deltaT`` = 1). PEFT adds the orthogonal regulariser only when the model returns
   ``.loss``, which a bare encoder never does, so the encoder's ``training_hooks.extra_loss()`` returns it for the
-  loop to add, and ``after_step(step)`` runs ``update_and_allocate``. The rank allocator's state travels in the encoder's state dict (exact resume).
+  loop to add, and ``after_step(step)`` runs ``update_and_allocate``. The rank allocator's state travels in the
+  encoder's state dict (exact resume).
 - ``full``: everything frozen, then the top ``n_t`` transformer layers (found by module name) unfrozen.
 
 Checkpoints hold the trainable weights only: the frozen LLM weights are left out of the state dict and, on
