@@ -90,24 +90,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             lora = ctx.child({"method": "lora", "steps": args.lora_steps, **common})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if device == "cpu":
-        s_mb, l_mb = run._tensor_mb(ssna), run._tensor_mb(lora)
-        how = ("peak tensor memory (torch.profiler CPU allocations, + SSNA's store rows) over the first "
-               f"{ssna['steps']} optimiser steps of SSNA and {lora['steps']} of LoRA, each in its own profiled process")
-    else:
-        s_mb, l_mb = ssna["fit_peak_memory_mb"], lora["fit_peak_memory_mb"]
-        how = "CUDA max_memory_allocated, each method in its own process"
+    s_mb, l_mb = run.peak_memory_mb(ssna), run.peak_memory_mb(lora)
     keep = ("tensor_peak_mb", "feature_table_mb", "fit_peak_memory_mb", "steps", "batch_size", "grad_accum",
             "trainable_params", "unique_items_per_batch")
     from pipeline.stages import git_commit
 
     return {"what": "SSNA peak training memory / LoRA's, distilbert-base-uncased's shape, random weights",
-            "ratio": s_mb / l_mb, "ssna_mb": s_mb, "lora_mb": l_mb, "measured": how,
+            "ratio": s_mb / l_mb, "ssna_mb": s_mb, "lora_mb": l_mb, "measured": run.peak_memory_how(ssna, lora),
             "ssna": {k: ssna.get(k) for k in keep}, "lora": {k: lora.get(k) for k in keep},
             "llm": {"config": "transformers.DistilBertConfig() defaults", "weights": "random (seed 0)",
                     "tokenizer": "MiniLM's (bert-base-uncased vocabulary)", "max_tokens": run.MAX_TOKENS},
             "dataset": ds, "autocast": args.autocast, "hardware": hw,
-            "git_commit": git_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_seconds": time.time() - started}
+            "git_commit": git_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_seconds": time.time() - started}
 
 
 def main(argv: list[str] | None = None) -> None:

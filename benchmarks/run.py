@@ -481,10 +481,22 @@ def _rss_mb(row: dict[str, Any]) -> tuple[float, float]:
     return row["peak_rss_mb"] - row["baseline_rss_mb"], row["peak_rss_mb"]
 
 
-def _tensor_mb(row: dict[str, Any]) -> float:
-    """A profiled CPU run's peak tensor memory, plus the store rows it holds as a NumPy array (the profiler sees
-    only torch's allocator; on a GPU those rows are a device tensor and count in max_memory_allocated)."""
+def peak_memory_mb(row: dict[str, Any]) -> float:
+    """A child run's peak training memory as the paper measures it: on a GPU CUDA max_memory_allocated; on CPU
+    (a ``tensor_memory`` child) the profiled tensor peak plus the store rows the run holds as a NumPy array (the
+    profiler sees only torch's allocator; on a GPU those rows are a device tensor and count)."""
+    if row["device"].startswith("cuda"):
+        return row["fit_peak_memory_mb"]
     return row["tensor_peak_mb"] + row["feature_table_mb"]
+
+
+def peak_memory_how(ssna: dict[str, Any], lora: dict[str, Any]) -> str:
+    """How ``peak_memory_mb`` of these two child runs was measured."""
+    if ssna["device"].startswith("cuda"):
+        return "CUDA max_memory_allocated, each method in its own process"
+    return (f"peak tensor memory (torch.profiler CPU allocations, + SSNA's store rows) over the first "
+            f"{plural(int(ssna['steps']), 'optimiser step')} of SSNA and {plural(int(lora['steps']), 'optimiser step')} "
+            "of LoRA, each method in its own profiled process")
 
 
 def group_train(ctx: Context) -> list[dict[str, Any]]:
@@ -522,28 +534,24 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
 
 
 def _memory_entry(ctx: Context, ssna: dict[str, Any], lora: dict[str, Any], hw: dict[str, Any]) -> dict[str, Any]:
-    """SSNA's peak training memory ÷ LoRA's. On a GPU: CUDA max_memory_allocated of the timed runs. On CPU:
-    peak tensor memory from torch.profiler's allocation events (the CPU counterpart of max_memory_allocated) in
-    two more runs, profiled, since profiling slows the timed ones; the peak RSS of the timed runs beside it."""
+    """SSNA's peak training memory ÷ LoRA's (``peak_memory_mb``). On a GPU: the timed runs (HW, their load
+    window). On CPU: two more runs, profiled, since profiling slows the timed ones; the timed runs' peak RSS
+    beside it."""
     if ssna["device"].startswith("cuda"):
-        s_mb, l_mb = ssna["fit_peak_memory_mb"], lora["fit_peak_memory_mb"]
+        s_mb, l_mb = peak_memory_mb(ssna), peak_memory_mb(lora)
         return make_entry("ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=hw, extrapolated=False,
-                          bounded=True, steps=int(lora["steps"]),
-                          measured="CUDA max_memory_allocated, each method in its own process",
+                          bounded=True, steps=int(lora["steps"]), measured=peak_memory_how(ssna, lora),
                           values={"ssna_mb": s_mb, "lora_mb": l_mb})
     plan = ctx.plan
-    with load_window(ctx.hardware) as hw:
+    with load_window(ctx.hardware) as profiled_hw:
         ssna_p = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, "steps": plan.memory_steps,
                             "epochs": 1, "tensor_memory": True})
         lora_p = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, "epochs": 1, "tensor_memory": True})
-    s_mb, l_mb = _tensor_mb(ssna_p), _tensor_mb(lora_p)
+    s_mb, l_mb = peak_memory_mb(ssna_p), peak_memory_mb(lora_p)
     (s_rss, s_total), (l_rss, l_total) = _rss_mb(ssna), _rss_mb(lora)
     return make_entry(
-        "ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=hw, extrapolated=False, bounded=True,
-        steps=int(lora_p["steps"]),
-        measured=(f"peak tensor memory (torch.profiler CPU allocations, + SSNA's store rows) over the first "
-                  f"{plural(int(ssna_p['steps']), 'optimiser step')} of SSNA and {plural(int(lora_p['steps']), 'optimiser step')} "
-                  "of LoRA, each method in its own profiled process"),
+        "ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=profiled_hw, extrapolated=False, bounded=True,
+        steps=int(lora_p["steps"]), measured=peak_memory_how(ssna_p, lora_p),
         values={"ssna_mb": s_mb, "lora_mb": l_mb, "ssna_tensor_peak_mb": ssna_p["tensor_peak_mb"],
                 "ssna_feature_table_mb": ssna_p["feature_table_mb"], "lora_tensor_peak_mb": lora_p["tensor_peak_mb"],
                 "ssna_steps": int(ssna_p["steps"]), "lora_steps": int(lora_p["steps"]),
