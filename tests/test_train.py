@@ -195,6 +195,25 @@ def test_only_the_needed_layers_are_read(method, features):
     assert asked == [3 if method in ("ssna", "mean", "weighted") else 1]
 
 
+@pytest.mark.parametrize("loss", ["inbatch", "full"])
+def test_item_ids_add_a_trained_id_embedding(loss):
+    twins = np.zeros((N_ITEMS, N_LAYERS, HIDDEN), dtype=np.float16)   # every item has the same text
+    cfg, _ = resolve(tiny_cfg("tmoe", item_ids=True, loss=loss))
+    model = build_model(cfg, inputs_for(twins), torch.device("cpu"))
+    assert build_model(resolve(tiny_cfg("tmoe"))[0], inputs_for(twins), torch.device("cpu")).id_embedding is None
+    model.eval()
+    idx = torch.tensor([3, 5])
+    torch.testing.assert_close(model.encode_items(idx), model.item_encoder(idx) + model.id_embedding(idx))
+    vectors = model.item_vectors()
+    assert not torch.allclose(vectors[3], vectors[5])                  # the ID tells text twins apart
+    model.train()
+    model.loss(make_batch([[1, 2], [3]], [4, 6])).backward()
+    grad = model.id_embedding.weight.grad
+    assert grad[[1, 2, 3, 4, 6]].abs().sum(dim=1).gt(0).all()
+    if loss == "inbatch":                                              # untouched items get no gradient
+        assert grad[[0, 5, 7]].abs().sum() == 0
+
+
 def test_inbatch_loss_masks_duplicate_positives(features):
     cfg, _ = resolve(tiny_cfg("tmoe"))
     model = build_model(cfg, inputs_for(features), torch.device("cpu")).eval()
@@ -287,5 +306,6 @@ def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
     assert cfg.run_key() == f"sci_minilm_adalora_s0_{digest}"
     assert not set(ADDED_LATER) & set(cfg.hparams())
-    changed = replace(cfg, adalora_epochs=80)
-    assert changed.run_key() != cfg.run_key() and changed.hparams()["adalora_epochs"] == 80
+    for name, value in (("adalora_epochs", 80), ("item_ids", True)):
+        changed = replace(cfg, **{name: value})
+        assert changed.run_key() != cfg.run_key() and changed.hparams()[name] == value

@@ -18,7 +18,7 @@ IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 # Settings added after runs had been recorded, each with the value every earlier run had: while a run keeps that
 # value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
 # splits no group of seeds.
-ADDED_LATER: dict[str, Any] = {"adalora_epochs": None}
+ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False}
 
 
 @dataclass
@@ -36,6 +36,8 @@ class TrainConfig:
     gate_noise: bool = True           # Gaussian routing noise in training (Eq. 2–3); never at evaluation
     gru_order: str = "top_down"       # SSNA integration order: top_down (Eq. 4: z^0 = top layer first) | bottom_up
     n_l: int | None = None            # TMLP depth (paper: {1, 2, 3})
+    item_ids: bool = False            # add a learned ID embedding to every item's adapted text embedding (UniSRec's
+    #                                   transductive setting; beyond the paper, whose methods are text-only)
 
     # --- end-to-end baselines (LLM in the loop)
     p: float | None = None            # LoRA / AdaLoRA dropout (paper: {0.1, 0.2, 0.3})

@@ -20,6 +20,8 @@ class SequentialRecommender(nn.Module):
     """Scores r = cos(u, v*) with u = SASRec(adapted history); trained with Eq. 8.
 
     Per batch only the unique items the batch touches (histories and targets) are encoded, then gathered.
+    With ``cfg.item_ids`` an item's embedding is its adapted text embedding plus a learned ID embedding
+    (UniSRec's transductive setting), for history and candidates alike.
     """
 
     def __init__(self, item_encoder: nn.Module, cfg: TrainConfig, n_items: int):
@@ -27,6 +29,9 @@ class SequentialRecommender(nn.Module):
         self.item_encoder = item_encoder
         self.user_encoder = SASRec(cfg.d, cfg.n_layers, cfg.n_heads, cfg.inner_size, cfg.hidden_dropout,
                                    cfg.attn_dropout, cfg.max_len)
+        self.id_embedding = nn.Embedding(n_items, cfg.d) if cfg.item_ids else None
+        if self.id_embedding is not None:
+            nn.init.normal_(self.id_embedding.weight, std=0.02)   # SASRec's (and UniSRec's) embedding init
         self.n_items, self.temperature, self.loss_kind = n_items, cfg.temperature, cfg.loss
         if cfg.loss not in ("inbatch", "full"):
             raise ValueError(f"loss must be inbatch or full, got {cfg.loss!r}")
@@ -36,7 +41,7 @@ class SequentialRecommender(nn.Module):
         real = batch.real()
         touched = torch.cat([batch.history[real], batch.targets])
         unique, inverse = torch.unique(touched, return_inverse=True)
-        vectors = self.item_encoder(unique)
+        vectors = self.encode_items(unique)
         n_hist = touched.shape[0] - len(batch)
         users = self.user_encoder(vectors[inverse[:n_hist]], batch.lengths)
         return users, vectors[inverse[n_hist:]]
@@ -66,12 +71,19 @@ class SequentialRecommender(nn.Module):
         duplicate[rows, labels] = False
         return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), labels)
 
+    def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """Item embeddings v* ``[U, d]`` of ``item_idx`` (the item encoder's, plus the ID embedding if any)."""
+        vectors = self.item_encoder(item_idx)
+        if self.id_embedding is not None:
+            vectors = vectors + self.id_embedding(item_idx)
+        return vectors
+
     def item_vectors(self, chunk: int = 2048, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Embeddings v* of items ``start … stop − 1`` (default: every item) ``[stop − start, d]``, unnormalised
         (with grad when training)."""
         device = next(self.parameters()).device
         stop = self.n_items if stop is None else stop
-        parts = [self.item_encoder(torch.arange(s, min(s + chunk, stop), device=device))
+        parts = [self.encode_items(torch.arange(s, min(s + chunk, stop), device=device))
                  for s in range(start, stop, chunk)]
         return torch.cat(parts)
 

@@ -28,6 +28,9 @@ def train_cmd(
                                               "early-stop, or the rank budget is barely pruned by then."),
     gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
                                   "(Eq. 4) or bottom_up."),
+    item_ids: bool = typer.Option(_DEFAULTS.item_ids, "--item-ids/--text-only", help="Add a learned ID "
+                                  "embedding to each item's text embedding (UniSRec's transductive setting; "
+                                  "not in the paper)."),
     loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
@@ -62,10 +65,10 @@ def train_cmd(
     from train.loop import RunStateError
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
-                      grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, loss=loss, lr=lr,
-                      max_epochs=max_epochs, patience=patience, max_steps=max_steps, limit_users=limit_users, seed=seed,
-                      bucket_by_length=bucket, exclude_history=exclude_history, device=device, autocast=autocast,
-                      threads=threads, run_id=run_id)
+                      grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, item_ids=item_ids,
+                      loss=loss, lr=lr, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                      limit_users=limit_users, seed=seed, bucket_by_length=bucket, exclude_history=exclude_history,
+                      device=device, autocast=autocast, threads=threads, run_id=run_id)
     try:
         result = run_training(cfg, resume=resume, restart=restart, progress=progress,
                               gather_negatives=gather_negatives)
