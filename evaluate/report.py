@@ -29,7 +29,8 @@ FIGURES: tuple[tuple[str, str], ...] = (
 
 
 def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence[str] | None = None,
-                 llms: Sequence[str] | None = None, loss: str = DEFAULT_LOSS, per_user_loader: PerUserLoader = read_per_user,
+                 llms: Sequence[str] | None = None, loss: str = DEFAULT_LOSS, item_ids: bool = False,
+                 per_user_loader: PerUserLoader = read_per_user,
                  epochs_loader: Callable[[Path], pl.DataFrame] = read_epochs, source: str | None = None) -> Path:
     """Write tables.md/.txt, the three figures and report.md into ``reports_dir``; return report.md's path.
 
@@ -37,8 +38,8 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
     report is removed so the page never links an outdated figure.
     """
     reports_dir = Path(reports_dir)
-    results = filter_results(results, datasets, llms, loss)
-    tables = build_tables(results, loss=loss, per_user_loader=per_user_loader)
+    results = filter_results(results, datasets, llms, loss, item_ids)
+    tables = build_tables(results, loss=loss, item_ids=item_ids, per_user_loader=per_user_loader)
     write_tables(tables, reports_dir)
     makers = {
         "fig3_layers.png": lambda p: plot_fig3(results, p),
@@ -51,7 +52,8 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
         "# ssnarec report",
         "",
         f"Generated {now} from {n_runs} finished run(s)" + (f" in `{source}`" if source else "")
-        + f" trained with the loss {loss} ({LOSS_LABELS[loss]}).",
+        + f" trained with the loss {loss} ({LOSS_LABELS[loss]})"
+        + (", items with a learned ID embedding (--item-ids)." if item_ids else "."),
     ]
     if n_runs:
         lines.append(

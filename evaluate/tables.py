@@ -16,7 +16,8 @@ A bounded run (``max_steps`` or ``limit_users`` set) was not trained to early st
 Tables 6–7, its metrics nowhere (a method with bounded runs only shows "—" in Tables 2–5 and 8, with a note).
 
 The tables compare runs trained with one loss (default the paper's in-batch Eq. 8): a method trained with the
-full softmax is not a better configuration of the same experiment, so the two never share a table.
+full softmax is not a better configuration of the same experiment, so the two never share a table. Likewise
+runs whose items carry a learned ID embedding (``item_ids``) never share a table with text-only runs (default).
 """
 
 from __future__ import annotations
@@ -485,14 +486,21 @@ def run_loss(hparams_json: str | None) -> str:
     return str(hparam(hparams_json, "loss") or DEFAULT_LOSS)
 
 
+def run_item_ids(hparams_json: str | None) -> bool:
+    """Whether a run's items carried a learned ID embedding (its ``item_ids`` hparam; False when absent)."""
+    return bool(hparam(hparams_json, "item_ids"))
+
+
 def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: Sequence[str] | None,
-                   loss: str | None = DEFAULT_LOSS) -> pl.DataFrame:
-    """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss`` (any when
-    None)."""
+                   loss: str | None = DEFAULT_LOSS, item_ids: bool | None = False) -> pl.DataFrame:
+    """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss`` and with or
+    without item ID embeddings as ``item_ids`` says (either: any when None)."""
     if loss is not None:
         check_loss(loss)
         if not results.is_empty():
             results = results.filter(pl.col("hparams").map_elements(run_loss, return_dtype=pl.String) == loss)
+    if item_ids is not None and not results.is_empty():
+        results = results.filter(pl.col("hparams").map_elements(run_item_ids, return_dtype=pl.Boolean) == item_ids)
     if datasets:
         results = results.filter(pl.col("dataset").is_in(list(datasets)))
     if llms:
@@ -501,15 +509,19 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
 
 
 def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None, llms: Sequence[str] | None = None,
-                 loss: str = DEFAULT_LOSS, per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
-    """All tables that the runs trained with ``loss`` support, filtered to ``datasets`` / ``llms`` when given."""
-    results = filter_results(results, datasets, llms, loss)
+                 loss: str = DEFAULT_LOSS, item_ids: bool = False,
+                 per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
+    """All tables that the runs trained with ``loss`` (and ``item_ids``) support, filtered to ``datasets`` /
+    ``llms`` when given."""
+    results = filter_results(results, datasets, llms, loss, item_ids)
     summary = summarise(results)
     if summary.is_empty():
         return []
     tables = performance_tables(summary)
+    items = ("text embedding + a learned ID embedding (--item-ids, not in the paper)" if item_ids
+             else "text embedding only (the paper)")
     for table in tables:
-        table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}.")
+        table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}; items: {items}.")
     tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
     tables += integration_tables(summary)
     seeds = seeds_table(results, summary)

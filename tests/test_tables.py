@@ -221,6 +221,16 @@ def test_losses_never_share_a_table(home: Path) -> None:
         build_tables(results, loss="softmax")
 
 
+def test_item_id_runs_never_share_a_table_with_text_only_runs(home: Path) -> None:
+    fake_run(home, "text", method="ssna", hparams={"a": 3}, valid=0.1, test=0.3)
+    fake_run(home, "ids", method="ssna", hparams={"a": 3, "item_ids": True}, valid=0.9, test=0.5)
+    results = load_results(home / RESULTS_FILE)
+    default = render_markdown(table(build_tables(results), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | — | 0.3000 (1) |" in default and "text embedding only" in default
+    ids = render_markdown(table(build_tables(results, item_ids=True), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | — | 0.5000 (1) |" in ids and "learned ID embedding" in ids
+
+
 def test_figures_and_report(home: Path) -> None:
     reports = home / "reports"
     empty = load_results(home / RESULTS_FILE)

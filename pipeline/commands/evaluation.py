@@ -21,6 +21,8 @@ LLM_HELP = "Only these LLMs (comma-separated, e.g. minilm,distilbert); empty = a
 RESULTS_HELP = "Results store to read; empty = $SSNAREC_HOME/results.parquet."
 LOSS_HELP = ("Only runs trained with this loss: inbatch (the paper's Eq. 8) or full (softmax over all items); "
              "the two never share a table.")
+ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
+                 "runs (the paper's); the two never share a table.")
 
 
 def _split(value: str) -> list[str]:
@@ -61,6 +63,7 @@ def eval_command(
     llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
+    item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
@@ -68,7 +71,7 @@ def eval_command(
 
     path, frame = _load(results)
     _check_loss(loss)
-    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss)
+    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss, item_ids=item_ids)
     if not tables:
         typer.echo(f"No finished runs in {path}" + (" for that filter" if frame.height else "")
                    + "; train some first, e.g. `make train METHOD=ssna DATASET=sci LLM=minilm`.")
@@ -84,6 +87,7 @@ def report_command(
     llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
+    item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
@@ -91,7 +95,7 @@ def report_command(
     path, frame = _load(results)
     _check_loss(loss)
     report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset),
-                          llms=_split(llm), loss=loss, source=str(path))
+                          llms=_split(llm), loss=loss, item_ids=item_ids, source=str(path))
     typer.echo(str(report))
 
 
