@@ -105,3 +105,14 @@ def test_sweep_loss_option_names_other_runs(prepared):
         return result.output.splitlines()[1:]
     assert len(keys()) == len(keys("--loss", "full")) == 1
     assert keys() != keys("--loss", "full") and keys() == keys("--loss", "inbatch")
+
+
+def test_sweep_gru_order_renames_only_ssna_runs(prepared):
+    def keys(*extra):
+        result = CliRunner().invoke(app, ["sweep", "--methods", "ssna,tmoe", "--datasets", "toy", "--llms", "x",
+                                          "--seeds", "0", "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()[1:]
+    (ssna, tmoe), (ssna_up, tmoe_up) = keys(), keys("--gru-order", "bottom_up")
+    assert ssna != ssna_up and tmoe == tmoe_up
+    assert set(keys("--item-ids")).isdisjoint(keys())

@@ -112,6 +112,10 @@ def sweep_cmd(
     paper_grid: bool = typer.Option(False, "--paper-grid", show_default="off", help="Search the paper's whole spaces: b in 32..256, "
                                     "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
     loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
+    gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA's integration order: top_down "
+                                  "(Eq. 4) or bottom_up; the other methods have no GRU and ignore it."),
+    item_ids: bool = typer.Option(_DEFAULTS.item_ids, "--item-ids/--text-only", help="Add a learned ID "
+                                  "embedding to each item's text embedding (not in the paper)."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
@@ -138,9 +142,11 @@ def sweep_cmd(
             raise typer.Exit(code=1)
         spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields]
         for combo in itertools.product(*spaces):
-            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, max_epochs=max_epochs,
-                                    patience=patience, max_steps=max_steps, limit_users=limit_users,
-                                    autocast=autocast, threads=threads, **dict(zip(fields, combo, strict=True))))
+            order = gru_order if method == "ssna" else _DEFAULTS.gru_order   # so other methods keep their run ids
+            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=order,
+                                    item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                                    limit_users=limit_users, autocast=autocast, threads=threads,
+                                    **dict(zip(fields, combo, strict=True))))
     typer.echo(f"{len(plan)} runs")
     for i, cfg in enumerate(plan, 1):
         key = resolved(cfg).run_key()
