@@ -96,23 +96,25 @@ def test_sweep_dry_run_lists_the_paper_grid(prepared):
     assert result.output.splitlines()[0] == f"{(8 + 12) * 2} runs"
 
 
+def sweep_keys(methods: str, *extra: str) -> list[str]:
+    """The run ids `ssnarec sweep --dry-run` lists for METHODS on the toy dataset, seed 0."""
+    result = CliRunner().invoke(app, ["sweep", "--methods", methods, "--datasets", "toy", "--llms", "x",
+                                      "--seeds", "0", "--dry-run", *extra])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()[1:]
+
+
 def test_sweep_loss_option_names_other_runs(prepared):
     """--loss full is part of each run's identity: the same grid lists other run folders than the in-batch one."""
     def keys(*extra):
-        result = CliRunner().invoke(app, ["sweep", "--methods", "tmoe", "--datasets", "toy", "--llms", "x",
-                                          "--seeds", "0", "--dry-run", *extra])
-        assert result.exit_code == 0, result.output
-        return result.output.splitlines()[1:]
+        return sweep_keys("tmoe", *extra)
     assert len(keys()) == len(keys("--loss", "full")) == 1
     assert keys() != keys("--loss", "full") and keys() == keys("--loss", "inbatch")
 
 
 def test_sweep_gru_order_renames_only_ssna_runs(prepared):
     def keys(*extra):
-        result = CliRunner().invoke(app, ["sweep", "--methods", "ssna,tmoe", "--datasets", "toy", "--llms", "x",
-                                          "--seeds", "0", "--dry-run", *extra])
-        assert result.exit_code == 0, result.output
-        return result.output.splitlines()[1:]
+        return sweep_keys("ssna,tmoe", *extra)
     (ssna, tmoe), (ssna_up, tmoe_up) = keys(), keys("--gru-order", "bottom_up")
     assert ssna != ssna_up and tmoe == tmoe_up
     assert set(keys("--item-ids")).isdisjoint(keys())
