@@ -294,6 +294,15 @@ def test_bounded_run_extrapolates_and_says_so(tmp_path, features, sequences):
     assert row["seconds_extrapolated"] is True and row["epochs"] == 1
 
 
+def test_a_setting_a_method_does_not_read_leaves_its_run_id():
+    for method, name, value in (("tmoe", "gru_order", "bottom_up"), ("lora", "adalora_epochs", 5)):
+        cfg = resolve(tiny_cfg(method, **{name: value}))[0]
+        assert getattr(cfg, name) != value and cfg.run_key() == resolve(tiny_cfg(method))[0].run_key()
+    for method, name, value in (("ssna", "gru_order", "bottom_up"), ("adalora", "adalora_epochs", 5)):
+        cfg = resolve(tiny_cfg(method, **{name: value}))[0]
+        assert getattr(cfg, name) == value and cfg.run_key() != resolve(tiny_cfg(method))[0].run_key()
+
+
 def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
     import hashlib
     from dataclasses import replace

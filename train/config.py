@@ -19,6 +19,9 @@ IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 # value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
 # splits no group of seeds.
 ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False}
+# Settings only some methods read: for the others train.loop.resolve resets them to their default, so that giving
+# one (say --gru-order to TMoE) neither renames the run nor splits its seeds.
+APPLIES_TO: dict[str, frozenset[str]] = {"gru_order": frozenset({"ssna"}), "adalora_epochs": frozenset({"adalora"})}
 
 
 @dataclass

@@ -46,7 +46,7 @@ from evaluate.results import (
 )
 from featurestore.embed import bf16_supported
 from train import distributed as dist
-from train.config import TrainConfig
+from train.config import APPLIES_TO, TrainConfig
 from train.data import Batch, Examples, Split
 from train.hparams import method_defaults
 from train.methods import ItemInputs, get_method
@@ -72,12 +72,17 @@ class RunResult:
 
 
 def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
-    """Fill unset fields (batch size, a, n_l) from the paper's tables; return the config and their source."""
+    """Fill unset fields (batch size, a, n_l) from the paper's tables and reset the settings the method does not
+    read (``APPLIES_TO``) to their defaults; return the config and the tables' source."""
     picks, source = method_defaults(cfg.method, cfg.llm, cfg.dataset)
     values = cfg.to_dict()
     for key, value in picks.items():
         if key in values and values[key] is None:
             values[key] = value
+    defaults = TrainConfig().to_dict()
+    for key, methods in APPLIES_TO.items():
+        if cfg.method not in methods:
+            values[key] = defaults[key]
     return TrainConfig.from_dict(values), source
 
 

@@ -142,8 +142,7 @@ def sweep_cmd(
             raise typer.Exit(code=1)
         spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields]
         for combo in itertools.product(*spaces):
-            order = gru_order if method == "ssna" else _DEFAULTS.gru_order   # so other methods keep their run ids
-            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=order,
+            plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
                                     item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                                     limit_users=limit_users, autocast=autocast, threads=threads,
                                     **dict(zip(fields, combo, strict=True))))
