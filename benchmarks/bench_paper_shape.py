@@ -61,9 +61,7 @@ def distilbert_shaped(folder: Path, cache_dir: Path) -> Path:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from featurestore import embed_items
     from featurestore.embed import resolve_device
-    from pipeline import workspace
 
     torch.set_num_threads(args.threads)
     home = args.home.expanduser().resolve()
@@ -76,13 +74,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                       autocast=args.autocast, hardware=run.hardware_base(args.threads, device))
     started = time.time()
     try:
-        ds = run.prepare_sci(ctx)["dataset"]
         llm = distilbert_shaped(home / "models" / "distilbert-base-uncased-shape", ctx.cache_dir)
-        from pipeline import datasets
-
-        items = datasets.load("sci").items.sort("item_idx")
-        embed_items(workspace.store_dir(), "sci", items["item_id"].to_list(), items["text"].fill_null("").to_list(),
-                    str(llm), cache_dir=ctx.cache_dir, max_length=run.MAX_TOKENS, device=device, progress=True)
+        ds = run.prepare_sci(ctx, llm=str(llm))["dataset"]
         common = {"epochs": 1, "tensor_memory": device == "cpu", "llm": str(llm)}
         with run.load_window(ctx.hardware) as hw:
             ssna = ctx.child({"method": "ssna", "batch_size": run.SSNA_BATCH, "a": run.SSNA_A,

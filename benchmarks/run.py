@@ -410,9 +410,9 @@ class Context:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def prepare_sci(ctx: Context) -> dict[str, Any]:
-    """The Sci dataset and its MiniLM store in the bench home (an already prepared dataset is kept as it is;
-    the store is a cache hit after the first run)."""
+def prepare_sci(ctx: Context, llm: str = "minilm") -> dict[str, Any]:
+    """The Sci dataset and its store for LLM (registry name or model folder; default MiniLM) in the bench home
+    (an already prepared dataset is kept as it is; the store is a cache hit after the first run)."""
     from featurestore import embed_items
     from pipeline import datasets, workspace
     from pipeline.datasets import DatasetMissing
@@ -425,7 +425,7 @@ def prepare_sci(ctx: Context) -> dict[str, Any]:
     items = ds.items.sort("item_idx")
     started = time.perf_counter()
     store = embed_items(workspace.store_dir(), "sci", items["item_id"].to_list(),
-                        items["text"].fill_null("").to_list(), "minilm", cache_dir=ctx.cache_dir,
+                        items["text"].fill_null("").to_list(), llm, cache_dir=ctx.cache_dir,
                         max_length=MAX_TOKENS, device=ctx.device, progress=True)
     return {"dataset": {"users": ds.n_users, "items": ds.n_items, "path": str(ds.path)},
             "store": {"path": str(store.folder), "seconds": time.perf_counter() - started,
