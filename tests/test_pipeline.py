@@ -76,6 +76,21 @@ def test_missing_store_names_the_command(prepared):
     assert "make embeddings DATASET=toy LLM=some-other-llm" in result.output
 
 
+def test_train_options_reach_the_run_config(prepared):
+    import json
+
+    result = train(prepared, "--method", "tmoe", "--run-id", "toy-tuned", "--temperature", "0.1", "--lr", "1e-3",
+                   "--weight-decay", "1e-5", "--hidden-dropout", "0.1", "--attn-dropout", "0.2",
+                   "--adapter-dropout", "0.3")
+    assert result.exit_code == 0, result.output
+    config = json.loads((workspace.runs_dir() / "toy-tuned" / "config.json").read_text())
+    wanted = {"temperature": 0.1, "lr": 1e-3, "weight_decay": 1e-5, "hidden_dropout": 0.1, "attn_dropout": 0.2,
+              "adapter_dropout": 0.3}
+    assert {k: config[k] for k in wanted} == wanted
+    bad = train(prepared, "--method", "tmoe", "--hidden-dropout", "1.0")
+    assert bad.exit_code == 1 and "hidden_dropout = 1.0" in bad.output and "--hidden-dropout" in bad.output
+
+
 def test_interrupted_run_needs_resume(prepared):
     from train.loop import CHECKPOINT_FILE
 

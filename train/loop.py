@@ -71,6 +71,11 @@ class RunResult:
     skipped: bool = False          # the run had finished before; nothing was trained
 
 
+# Settings whose bad values would train silently into nonsense: [low, high).
+RANGES = {"lr": (1e-12, math.inf), "weight_decay": (0.0, math.inf), "temperature": (1e-6, math.inf),
+          "hidden_dropout": (0.0, 1.0), "attn_dropout": (0.0, 1.0), "adapter_dropout": (0.0, 1.0)}
+
+
 def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     """Fill unset fields (batch size, a, n_l) from the paper's tables and reset the settings the method does not
     read (``APPLIES_TO``) to their defaults; return the config and the tables' source."""
@@ -79,6 +84,10 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     for key, value in picks.items():
         if key in values and values[key] is None:
             values[key] = value
+    for key, (low, high) in RANGES.items():
+        if not low <= values[key] < high:
+            raise ValueError(f"{key} = {values[key]} is out of range: it must be in [{low}, {high}). Fix: pass "
+                             f"--{key.replace('_', '-')} within that range.")
     defaults = TrainConfig().to_dict()
     for key, methods in APPLIES_TO.items():
         if cfg.method not in methods:

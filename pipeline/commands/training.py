@@ -33,6 +33,14 @@ def train_cmd(
                                   "not in the paper)."),
     loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
+    weight_decay: float = typer.Option(_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay."),
+    temperature: float = typer.Option(_DEFAULTS.temperature, "--temperature", help="τ of the loss (Eq. 8)."),
+    hidden_dropout: float = typer.Option(_DEFAULTS.hidden_dropout, "--hidden-dropout", help="SASRec dropout on "
+                                         "embeddings and sub-layer outputs."),
+    attn_dropout: float = typer.Option(_DEFAULTS.attn_dropout, "--attn-dropout", help="SASRec dropout on "
+                                       "attention weights."),
+    adapter_dropout: float = typer.Option(_DEFAULTS.adapter_dropout, "--adapter-dropout", help="Adapter dropout "
+                                          "on the LLM layer before the whitening shift."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
                                  "before stopping."),
@@ -66,7 +74,9 @@ def train_cmd(
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
                       grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, item_ids=item_ids,
-                      loss=loss, lr=lr, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                      loss=loss, lr=lr, weight_decay=weight_decay,
+                      temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
+                      adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                       limit_users=limit_users, seed=seed, bucket_by_length=bucket, exclude_history=exclude_history,
                       device=device, autocast=autocast, threads=threads, run_id=run_id)
     try:
