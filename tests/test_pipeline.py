@@ -116,7 +116,7 @@ def sweep_keys(methods: str, *extra: str) -> list[str]:
     result = CliRunner().invoke(app, ["sweep", "--methods", methods, "--datasets", "toy", "--llms", "x",
                                       "--seeds", "0", "--dry-run", *extra])
     assert result.exit_code == 0, result.output
-    return result.output.splitlines()[1:]
+    return [line.split("] ", 1)[1] for line in result.output.splitlines()[1:]]
 
 
 def test_sweep_loss_option_names_other_runs(prepared):
@@ -133,3 +133,14 @@ def test_sweep_gru_order_renames_only_ssna_runs(prepared):
     (ssna, tmoe), (ssna_up, tmoe_up) = keys(), keys("--gru-order", "bottom_up")
     assert ssna != ssna_up and tmoe == tmoe_up
     assert set(keys("--item-ids")).isdisjoint(keys())
+
+
+def test_sweep_searches_the_shared_settings(prepared):
+    """--lr/--temperature/… take comma lists and multiply the grid; their defaults name the default runs."""
+    plain = sweep_keys("tmoe,lora")
+    grid = sweep_keys("tmoe,lora", "--lr", "3e-4,1e-3", "--temperature", "0.07,0.1", "--hidden-dropout", "0.5")
+    assert len(plain) == 2 and len(grid) == 2 * 2 * 2
+    assert set(plain) <= set(grid)
+    # LoRA reads no adapter: a grid over adapter dropout lists its run once, and TMoE's twice
+    adapters = sweep_keys("tmoe,lora", "--adapter-dropout", "0.1,0.2")
+    assert len(set(adapters)) == len(adapters) == 3 and sum("lora" in key for key in adapters) == 1

@@ -21,7 +21,10 @@ IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False}
 # Settings only some methods read: for the others train.loop.resolve resets them to their default, so that giving
 # one (say --gru-order to TMoE) neither renames the run nor splits its seeds.
-APPLIES_TO: dict[str, frozenset[str]] = {"gru_order": frozenset({"ssna"}), "adalora_epochs": frozenset({"adalora"})}
+APPLIES_TO: dict[str, frozenset[str]] = {
+    "gru_order": frozenset({"ssna"}), "adalora_epochs": frozenset({"adalora"}),
+    "adapter_dropout": frozenset({"ssna", "tmoe", "tmlp", "mean", "weighted"}),
+}
 
 
 @dataclass

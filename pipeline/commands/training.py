@@ -103,6 +103,9 @@ PAPER_GRID = {"batch_size": (32, 64, 128, 256), "a": (2, 3), "n_l": (1, 2, 3), "
 GRID_FIELDS = {"ssna": ("batch_size", "a"), "mean": ("batch_size", "a"), "weighted": ("batch_size", "a"),
                "tmoe": ("batch_size",), "tmlp": ("batch_size", "n_l"), "lora": ("p",), "adalora": ("p",),
                "full": ("n_t",)}
+# Settings every method reads (adapter_dropout: the store methods; train.config.APPLIES_TO resets it for the
+# others), searchable as comma lists; empty = the default.
+SHARED_GRID = ("lr", "temperature", "weight_decay", "hidden_dropout", "attn_dropout", "adapter_dropout")
 
 
 def _values(text: str, cast):
@@ -126,6 +129,15 @@ def sweep_cmd(
                                   "(Eq. 4) or bottom_up; the other methods have no GRU and ignore it."),
     item_ids: bool = typer.Option(_DEFAULTS.item_ids, "--item-ids/--text-only", help="Add a learned ID "
                                   "embedding to each item's text embedding (not in the paper)."),
+    lr: str = typer.Option(str(_DEFAULTS.lr), "--lr", help="Adam learning rates, comma-separated."),
+    temperature: str = typer.Option(str(_DEFAULTS.temperature), "--temperature", help="Loss temperatures τ."),
+    weight_decay: str = typer.Option(str(_DEFAULTS.weight_decay), "--weight-decay", help="Adam weight decays."),
+    hidden_dropout: str = typer.Option(str(_DEFAULTS.hidden_dropout), "--hidden-dropout", help="SASRec hidden "
+                                       "dropouts."),
+    attn_dropout: str = typer.Option(str(_DEFAULTS.attn_dropout), "--attn-dropout", help="SASRec attention "
+                                     "dropouts."),
+    adapter_dropout: str = typer.Option(str(_DEFAULTS.adapter_dropout), "--adapter-dropout", help="Adapter "
+                                        "dropouts (store methods)."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
@@ -143,6 +155,10 @@ def sweep_cmd(
 
     given = {"batch_size": _values(batch_sizes, int), "a": _values(a_values, int), "n_l": _values(n_l_values, int),
              "p": _values(p_values, float), "n_t": _values(n_t_values, int)}
+    shared_given = {"lr": lr, "temperature": temperature, "weight_decay": weight_decay,
+                    "hidden_dropout": hidden_dropout, "attn_dropout": attn_dropout, "adapter_dropout": adapter_dropout}
+    shared = [[v if v is not None else getattr(_DEFAULTS, f) for v in _values(shared_given[f], float)]
+              for f in SHARED_GRID]
     plan = []
     for method, dataset, llm, seed in itertools.product(_values(methods, str), _values(datasets, str),
                                                         _values(llms, str), _values(seeds, int)):
@@ -150,25 +166,28 @@ def sweep_cmd(
         if fields is None:
             typer.echo(f"error: unknown method {method!r}; known: {', '.join(GRID_FIELDS)}", err=True)
             raise typer.Exit(code=1)
-        spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields]
+        spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields] + shared
         for combo in itertools.product(*spaces):
             plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
                                     item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                                     limit_users=limit_users, autocast=autocast, threads=threads,
-                                    **dict(zip(fields, combo, strict=True))))
-    typer.echo(f"{len(plan)} runs")
-    for i, cfg in enumerate(plan, 1):
-        key = resolved(cfg).run_key()
+                                    **dict(zip(fields + SHARED_GRID, combo, strict=True))))
+    # settings a method does not read are reset (train.config.APPLIES_TO), so some combinations are one run
+    runs: dict[str, TrainConfig] = {}
+    for cfg in plan:
+        runs.setdefault(resolved(cfg).run_key(), cfg)
+    typer.echo(f"{len(runs)} runs")
+    for i, (key, cfg) in enumerate(runs.items(), 1):
         if dry_run:
-            typer.echo(f"[{i}/{len(plan)}] {key}")
+            typer.echo(f"[{i}/{len(runs)}] {key}")
             continue
         try:
             result = run_training(cfg, resume=True)
         except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
-            typer.echo(f"[{i}/{len(plan)}] {key}: error: {exc}", err=True)
+            typer.echo(f"[{i}/{len(runs)}] {key}: error: {exc}", err=True)
             continue
         state = "skipped (finished before)" if result.skipped else "done"
-        typer.echo(f"[{i}/{len(plan)}] {result.row['run_id']}: {state}, test R@10 {result.row['test_R@10']:.4f}")
+        typer.echo(f"[{i}/{len(runs)}] {result.row['run_id']}: {state}, test R@10 {result.row['test_R@10']:.4f}")
 
 
 def register(app: typer.Typer) -> None:
