@@ -214,3 +214,37 @@ def test_tensor_memory_peak_refuses_a_block_that_allocated_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="no CPU allocation events"):
         with TensorMemoryPeak(tmp_path):
             pass
+
+
+def child_row(spec: dict) -> dict:
+    """What a training child reports for SPEC: a whole run's epochs (a cold first one on CUDA), or a bounded one."""
+    whole = not spec.get("steps")
+    epochs = spec["epochs"] if whole else 1
+    times = [34.0] + [8.0 + i for i in range(epochs - 1)] if spec["device"] == "cuda" else [9.0] * epochs
+    return {"method": spec["method"], "device": spec["device"], "epochs": epochs, "epoch_seconds": times,
+            "warmup_epochs": spec.get("warmup_epochs", 0), "extrapolated": not whole, "steps": spec.get("steps") or 134,
+            "batches_measured": 134 if whole else 80, "batches_per_epoch": 134 if spec["method"] != "lora" else 1066,
+            "seconds_per_epoch": float(np.median(times[spec.get("warmup_epochs", 0):])), "batch_size": 256,
+            "grad_accum": 1, "peak_rss_mb": 1.0, "baseline_rss_mb": 0.5, "fit_peak_memory_mb": 10.0,
+            "trainable_params": 1, "unique_items_per_batch": 1.0, "cuda": None, "tensor_peak_mb": 5.0,
+            "feature_table_mb": 1.0}
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_whole_epoch_runs_leave_a_cold_gpu_epoch_out(device):
+    """On a GPU the SSNA/TMoE runs get one more epoch, left out of the median and said so; on CPU none."""
+    from types import SimpleNamespace
+
+    from benchmarks.run import FULL, group_train
+
+    specs = []
+    ctx = SimpleNamespace(plan=FULL, device=device, autocast="bf16", hardware=HARDWARE,
+                          child=lambda spec: specs.append(spec) or child_row({**spec, "device": device}))
+    entries = {e["key"]: e for e in group_train(ctx)}
+    ssna = next(s for s in specs if s["method"] == "ssna")
+    warm = int(device == "cuda")
+    assert ssna["epochs"] == FULL.train_epochs + warm and ssna["warmup_epochs"] == warm
+    seconds = entries["ssna_epoch_seconds_sci"]
+    assert seconds["value"] == (8.5 if warm else 9.0)          # the median of the epochs after the cold one
+    assert ("warm-up epoch left out" in seconds["measured"]) == bool(warm)
+    assert ("cold start" in entries["lora_over_ssna_epoch_ratio"]["measured"]) == bool(warm)
