@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.hardware import cpu_model  # noqa: E402
 from featurestore import embed_items, load_llm  # noqa: E402
-from featurestore.embed import ClsEmbedder, bf16_supported, token_budget_batches  # noqa: E402
+from featurestore.embed import LayerEmbedder, bf16_supported, token_budget_batches  # noqa: E402
 
 
 def sci_texts(folder: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -64,7 +64,7 @@ def morec_loop(model, tokenizer, texts: list[str], max_length: int, batch: int =
     return clock, np.concatenate(out)
 
 
-def bare_forward(embedder: ClsEmbedder, texts: list[str], batch_tokens: int, precision: str, desc: str) -> Clock:
+def bare_forward(embedder: LayerEmbedder, texts: list[str], batch_tokens: int, precision: str, desc: str) -> Clock:
     """(b) forward only, over pre-tokenised length-sorted token-budget batches (tensors built beforehand)."""
     ids, _ = embedder.tokenize(texts)
     lengths = np.array([len(x) for x in ids])
@@ -97,7 +97,7 @@ def main() -> None:
     precision = "bf16" if bf16_supported(device) else "fp32"
     load_before = os.getloadavg()
     model, tokenizer, _ = load_llm("minilm", cache_dir, device)
-    embedder = ClsEmbedder(model, tokenizer, max_length=args.max_length, device=device, precision=precision)
+    embedder = LayerEmbedder(model, tokenizer, max_length=args.max_length, device=device, precision=precision)
     samples: dict[str, list[dict[str, float]]] = {"ours": [], "bare": [], "bare_fp32": [], "morec": []}
     info: dict = {}
 

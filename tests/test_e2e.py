@@ -81,22 +81,26 @@ def train_steps(kind: str, llm: Path, home: Path, steps: int, **kw):
     return model, initial, grads, budgets
 
 
-def test_tokenised_once_and_cls_matches_the_plain_llm(tiny_llms, home):
-    """Per-call padding, length sorting and eval micro-batches give each item its own [CLS] state."""
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_tokenised_once_and_pooling_matches_the_plain_llm(tiny_llms, home, pooling):
+    """Per-call padding, length sorting and eval micro-batches give each item its own [CLS] state, or with
+    ``LLM:mean`` the mean of its own token states (padding left out)."""
     llm = tiny_llms["bert"]
-    cfg, _ = resolve(config("full", llm, n_t=1))
-    encoder = build_llm_encoder("full", cfg, inputs(llm, home), "cpu")
+    name = f"{llm}:mean" if pooling == "mean" else str(llm)
+    cfg, _ = resolve(config("full", name, n_t=1))
+    encoder = build_llm_encoder("full", cfg, inputs(name, home), "cpu")
     assert isinstance(encoder, LLMItemEncoder) and encoder.training_hooks is None
     assert encoder.token_ids.shape[0] == N_ITEMS and int(encoder.token_lengths.max()) <= cfg.max_tokens
     encoder.eval_chunk = 7                                   # several micro-batches, unequal lengths
     plain, tokenizer, _ = load_llm(str(llm), home / "cache")
     idx = torch.tensor([5, 0, 29, 5, 12, 3, 17, 8, 21, 2, 11])
     with torch.no_grad():
-        got = encoder.eval().cls(idx)
+        got = encoder.eval().embed(idx)
         for row, i in zip(got, idx.tolist(), strict=True):
             enc = tokenizer(item_texts()[i], truncation=True, max_length=cfg.max_tokens, return_tensors="pt")
             assert enc["input_ids"][0, 0] == tokenizer.cls_token_id
-            want = plain(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[0, 0]
+            states = plain(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[0]
+            want = states[0] if pooling == "cls" else states.mean(0)
             torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-5)
         assert encoder(idx).shape == (len(idx), cfg.d)
     ids, lengths = tokenize_items(tokenizer, ["glue", "a saw blade of steel"], max_tokens=4)

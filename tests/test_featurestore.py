@@ -48,8 +48,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
             for family in ("bert", "distilbert", "roberta")}
 
 
-def direct_cls(folder: Path, texts: list[str], max_length: int) -> np.ndarray:
-    """Reference: each text alone through the model (no padding, no batching), fp32, top layer first."""
+def direct_cls(folder: Path, texts: list[str], max_length: int, pooling: str = "cls") -> np.ndarray:
+    """Reference: each text alone through the model (no padding, no batching), fp32, top layer first: its [CLS]
+    state, or the mean of all its token states."""
     model, tokenizer, _ = load_llm(str(folder), folder.parent / "cache")
     out = []
     with torch.inference_mode():
@@ -57,7 +58,7 @@ def direct_cls(folder: Path, texts: list[str], max_length: int) -> np.ndarray:
             enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
             states = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                            output_hidden_states=True).hidden_states
-            out.append(torch.stack([h[0, 0] for h in reversed(states)]).numpy())
+            out.append(torch.stack([h[0, 0] if pooling == "cls" else h[0].mean(0) for h in reversed(states)]).numpy())
     return np.stack(out)
 
 
@@ -79,6 +80,29 @@ def test_store_view_equals_direct_forward(home, tiny, family):
     reopened = open_store(home / "store", "toy", str(tiny[family]))
     np.testing.assert_array_equal(reopened.top_layers(2), view[:, :2])
     assert store.manifest["truncated_fraction"] > 0  # some texts exceed 24 tokens
+
+
+def test_mean_pooling_is_another_store_of_the_same_model(home, tiny):
+    """``LLM:mean`` stores each layer's mean over the text's tokens, in a store of its own beside the [CLS] one,
+    whose key (so every existing store) is unchanged by the option."""
+    from featurestore.embed import store_key
+    from featurestore.llms import llm_slug, resolve_llm, split_pooling
+
+    folder = tiny["bert"]
+    mean_name = f"{folder}:mean"
+    assert split_pooling(mean_name) == (str(folder), "mean") and split_pooling("minilm") == ("minilm", "cls")
+    assert llm_slug("minilm:mean") == "minilm+mean" and llm_slug("owner/model:mean") == "owner--model+mean"
+    ids, texts = make_texts(30)
+    cls_store = embed(home, folder, ids, texts, dtype="fp32", batch_tokens=96)
+    mean_store = embed(home, mean_name, ids, texts, dtype="fp32", batch_tokens=96)
+    assert mean_store.folder != cls_store.folder == store_path(home / "store", "toy", str(folder))
+    assert mean_store.folder == store_path(home / "store", "toy", mean_name)
+    np.testing.assert_allclose(mean_store.top_layers(3), direct_cls(folder, texts, 24, "mean"), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(cls_store.top_layers(3), direct_cls(folder, texts, 24), atol=2e-5, rtol=1e-4)
+    keys = [store_key(resolve_llm(name, home / "cache"), max_length=24, dtype="fp32", precision="fp32")
+            for name in (str(folder), mean_name)]
+    assert "pooling" not in keys[0]["llm"] and keys[1]["llm"] == {**keys[0]["llm"], "pooling": "mean"}
+    assert embed(home, folder, ids, texts, dtype="fp32", batch_tokens=96).run_stats["cache_hit"] is True
 
 
 def test_fp16_store_and_layer_order(home, tiny):
@@ -226,13 +250,13 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 import featurestore.embed as fe
 from test_featurestore import make_texts
 root, sleep, n, model, announce, wait_for = sys.argv[1:7]
-forward = fe.ClsEmbedder.forward
+forward = fe.LayerEmbedder.forward
 def slow_forward(self, *args, **kwargs):
     while wait_for != "-" and not os.path.exists(wait_for):  # hold the lock until the other run is waiting
         time.sleep(0.05)
     time.sleep(float(sleep))
     return forward(self, *args, **kwargs)
-fe.ClsEmbedder.forward = slow_forward
+fe.LayerEmbedder.forward = slow_forward
 ids, texts = make_texts(int(n))
 if announce != "-":
     Path(announce).touch()

@@ -91,6 +91,24 @@ def test_train_options_reach_the_run_config(prepared):
     assert bad.exit_code == 1 and "hidden_dropout = 1.0" in bad.output and "--hidden-dropout" in bad.output
 
 
+def test_mean_pooled_store_trains_its_own_runs(prepared):
+    """`embed --llm X:mean` writes a second store; `train --llm X:mean` reads it (never the LLM) under its own run
+    id, and the paper's tables still give its settings."""
+    import json
+
+    mean = f"{prepared}:mean"
+    embedded = CliRunner().invoke(app, ["embed", "--dataset", "toy", "--llm", mean, "--no-progress"])
+    assert embedded.exit_code == 0, embedded.output
+    plain, pooled = train(prepared, "--method", "ssna"), train(mean, "--method", "ssna")
+    assert plain.exit_code == 0 and pooled.exit_code == 0, pooled.output
+    runs = {p.name: json.loads((p / "config.json").read_text()) for p in workspace.runs_dir().iterdir()}
+    assert len(runs) == 2 and sum("+mean_ssna" in name for name in runs) == 1
+    mean_run = next(c for name, c in runs.items() if "+mean" in name)
+    assert mean_run["llm"] == mean and mean_run["defaults_from"] == next(
+        c for name, c in runs.items() if "+mean" not in name)["defaults_from"]
+    assert sorted(pl.read_parquet(workspace.home() / "results.parquet")["llm"]) == [str(prepared), mean]
+
+
 def test_interrupted_run_needs_resume(prepared):
     from train.loop import CHECKPOINT_FILE
 

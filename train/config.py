@@ -32,7 +32,8 @@ class TrainConfig:
     # --- what is trained
     method: str = "ssna"              # registry name: ssna | tmoe | tmlp | mean | weighted (train.methods.METHODS)
     dataset: str = "sci"              # canonical dataset name (pipeline.datasets)
-    llm: str = "minilm"               # stage-one store key (featurestore.LLMS name or a model folder)
+    llm: str = "minilm"               # stage-one store key (featurestore.LLMS name, hub id or model folder; ":mean"
+    #                                   appended: layers mean-pooled over tokens instead of [CLS])
     seed: int = 0                     # seeds parameter init, dropout, gating noise and shuffling
 
     # --- item side (adapters over frozen LLM layers)
@@ -117,5 +118,5 @@ class TrainConfig:
         """A stable run id: dataset, LLM, method, seed and a short hash of every result-changing setting."""
         payload = {k: v for k, v in sorted(self._recorded().items()) if k not in EXECUTION_FIELDS}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
-        llm = self.llm.replace("/", "_")
+        llm = self.llm.replace("/", "_").replace(":", "+")
         return f"{self.dataset}_{llm}_{self.method}_s{self.seed}_{digest}"

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from featurestore import load_llm
+from featurestore.llms import pool, split_pooling
 from train.config import TrainConfig
 from train.methods import ItemInputs
 
@@ -127,12 +128,13 @@ class AdaLoRAHooks:
 
 class LLMItemEncoder(nn.Module):
     """``forward(item_idx [U]) -> [U, d]``: the (adapted) LLM on the items' pre-tokenised texts, top-layer
-    [CLS], then a trainable projection hidden → d."""
+    [CLS] (or the mean of its token states, ``pooling="mean"``), then a trainable projection hidden → d."""
 
     def __init__(self, llm: nn.Module, token_ids: torch.Tensor, lengths: torch.Tensor, hidden: int, d: int,
-                 hooks: AdaLoRAHooks | None = None, train_chunk: int = TRAIN_CHUNK, eval_chunk: int = EVAL_CHUNK):
+                 hooks: AdaLoRAHooks | None = None, train_chunk: int = TRAIN_CHUNK, eval_chunk: int = EVAL_CHUNK,
+                 pooling: str = "cls"):
         super().__init__()
-        self.llm = llm
+        self.llm, self.pooling = llm, pooling
         self.proj = nn.Linear(hidden, d)
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("token_lengths", lengths, persistent=False)
@@ -142,8 +144,8 @@ class LLMItemEncoder(nn.Module):
         self.register_state_dict_post_hook(_drop_frozen)
         self.register_load_state_dict_pre_hook(_keep_frozen)
 
-    def cls(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """Top-layer [CLS] states ``[U, hidden]`` of the items, in the order given."""
+    def embed(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """Top-layer text embeddings ``[U, hidden]`` of the items, in the order given."""
         idx = item_idx.to(self.token_ids.device)
         lengths = self.token_lengths[idx]
         order = torch.argsort(lengths, stable=True)
@@ -154,13 +156,13 @@ class LLMItemEncoder(nn.Module):
             width = int(lengths[sel].max())
             ids = self.token_ids[idx[sel], :width]
             mask = (torch.arange(width, device=ids.device)[None, :] < lengths[sel, None]).long()
-            parts.append(self.llm(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+            parts.append(pool(self.llm(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.pooling))
         return torch.cat(parts)[torch.argsort(order)]
 
     def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
         if item_idx.numel() == 0:
             return self.proj.weight.new_zeros(0, self.proj.out_features)
-        return self.proj(self.cls(item_idx))
+        return self.proj(self.embed(item_idx))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"adalora": self.training_hooks.state() if self.training_hooks is not None else None}
@@ -219,7 +221,7 @@ def build_llm_encoder(kind: str, cfg: TrainConfig, inputs: ItemInputs, device: t
     model, tokenizer, spec = load_llm(inputs.llm, inputs.cache_dir, str(device))
     token_ids, lengths = tokenize_items(tokenizer, inputs.texts, cfg.max_tokens)
     if getattr(model, "pooler", None) is not None:
-        model.pooler = None     # unused (we read the top layer's [CLS]); random-init when the weights lack it
+        model.pooler = None     # unused (we pool the top layer ourselves); random-init when the weights lack it
     if cfg.grad_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)   # transformers >= 5.x name
         if enable is not None:
@@ -242,5 +244,6 @@ def build_llm_encoder(kind: str, cfg: TrainConfig, inputs: ItemInputs, device: t
         hooks = AdaLoRAHooks(model)
     else:
         unfreeze_top_layers(model, spec.n_layers, cfg.n_t)
-    encoder = LLMItemEncoder(model, token_ids, lengths, spec.hidden, cfg.d, hooks)
+    encoder = LLMItemEncoder(model, token_ids, lengths, spec.hidden, cfg.d, hooks,
+                             pooling=split_pooling(inputs.llm)[1])
     return encoder.to(device)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from featurestore.llms import split_pooling
+
 COLUMNS = ("lora_p", "adalora_p", "full_n_t", "tmlp_b", "tmlp_n_l", "tmoe_b", "ssna_b", "ssna_a")
 
 # (llm, dataset) -> values in COLUMNS order.  S1: DistilBERT, S2: DistilRoBERTa, S3: BERT-medium.
@@ -38,6 +40,7 @@ FALLBACK = dict(lora_p=0.3, adalora_p=0.3, full_n_t=2, tmlp_b=256, tmlp_n_l=3, t
 
 def paper_row(llm: str, dataset: str) -> tuple[dict[str, Any], str]:
     """The paper's best settings for (llm, dataset) as a dict, and where they came from (for the run record)."""
+    llm = split_pooling(llm)[0]                               # the paper's rows are per model, any pooling
     key = (LLM_ALIASES.get(llm, llm), dataset)
     if key in PAPER_TABLES:
         values = dict(zip(COLUMNS, PAPER_TABLES[key], strict=True))

@@ -44,7 +44,8 @@ def embed_cmd(
     dataset: str = typer.Option("sci", "--dataset", "-d", help="Prepared dataset name(s), comma-separated.",
                                 show_default=True),
     llm: str = typer.Option("minilm", "--llm", "-l", help=f"LLM(s), comma-separated: {', '.join(LLMS)}, a Hugging "
-                            "Face id, or a local model folder.", show_default=True),
+                            "Face id, or a local model folder; with ':mean' appended (minilm:mean) each layer is "
+                            "the mean over the text's tokens instead of its [CLS] state.", show_default=True),
     max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", help="Tokens per text, [CLS] and [SEP] "
                                    "included; longer texts are cut on the right.", show_default=True),
     batch_tokens: int = typer.Option(DEFAULT_BATCH_TOKENS, "--batch-tokens", help="Token budget of one batch "

@@ -15,7 +15,8 @@ def train_cmd(
     method: str = typer.Option(_DEFAULTS.method, "--method", "-m", help="ssna, tmoe, tmlp, mean, weighted, lora, "
                                "adalora or full."),
     dataset: str = typer.Option(_DEFAULTS.dataset, "--dataset", "-d", help="Prepared dataset name."),
-    llm: str = typer.Option(_DEFAULTS.llm, "--llm", "-l", help="LLM whose stored layers (or weights) are used."),
+    llm: str = typer.Option(_DEFAULTS.llm, "--llm", "-l", help="LLM whose stored layers (or weights) are used; "
+                             "NAME:mean for its mean-pooled store (see `ssnarec embed --help`)."),
     a: int | None = typer.Option(None, "--a", show_default="paper table", help=f"Top LLM layers adapted (ssna/mean/weighted); {_PAPER}."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", show_default="paper table", help=f"Training batch size; {_PAPER}."),
     n_l: int | None = typer.Option(None, "--n-l", show_default="paper table", help=f"TMLP layers; {_PAPER}."),
