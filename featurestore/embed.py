@@ -403,9 +403,9 @@ def embed_items(store_root: Path, dataset: str, item_ids: list[str], texts: list
     """Embed ITEM_IDS/TEXTS (item_idx order) with LLM into the store of DATASET and return it, opened.
 
     Per layer (embedding output = layer 0) the [CLS] state of each text (with ``LLM:mean``, the mean of its
-    token states) is stored in DTYPE. With unchanged
-    inputs this is a cache hit that loads no model; changed texts re-embed only those items; a killed run
-    resumes; concurrent runs on one store wait for each other (file lock). PRECISION is the compute precision:
+    token states) is stored in DTYPE. With unchanged inputs this is a cache hit that loads no model; changed
+    texts re-embed only those items; a killed run resumes; concurrent runs on one store wait for each other
+    (file lock). PRECISION is the compute precision:
     'auto' uses bf16 where supported and accurate (cosine >= 0.999 vs fp32 on the first batch), else fp32.
     """
     started = time.perf_counter()
