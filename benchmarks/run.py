@@ -523,10 +523,9 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
     s, t, lo = ssna["seconds_per_epoch"], tmoe["seconds_per_epoch"], lora["seconds_per_epoch"]
     rows = {"ssna": ssna, "tmoe": tmoe, "lora": lora}
     brief = {name: {k: r.get(k) for k in ("seconds_per_epoch", "epoch_seconds", "warmup_epochs", "extrapolated",
-                                           "batches_measured",
-                                       "batches_per_epoch", "batch_size", "grad_accum", "steps", "peak_rss_mb",
-                                       "baseline_rss_mb", "fit_peak_memory_mb", "trainable_params",
-                                       "unique_items_per_batch", "cuda")}
+                                           "batches_measured", "batches_per_epoch", "batch_size", "grad_accum",
+                                           "steps", "peak_rss_mb", "baseline_rss_mb", "fit_peak_memory_mb",
+                                           "trainable_params", "unique_items_per_batch", "cuda")}
              for name, r in rows.items()}
     return [
         make_entry("ssna_epoch_seconds_sci", s, hardware=hw, extrapolated=ssna_x, bounded=ssna_x,
