@@ -180,8 +180,7 @@ class LayerEmbedder:
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
         with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return torch.stack([pool(h.float(), attention_mask, self.pooling) for h in reversed(out.hidden_states)],
-                           dim=1)
+        return torch.stack([pool(h, attention_mask, self.pooling) for h in reversed(out.hidden_states)], dim=1).float()
 
     def _checked_forward(self, input_ids: Any, attention_mask: Any) -> Any:
         """Forward; on the first bf16 batch, its first CHECK_ROWS texts are also run in fp32 and compared.

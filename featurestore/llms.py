@@ -98,7 +98,7 @@ def pool(hidden: Any, mask: Any, pooling: str) -> Any:
         return hidden[:, 0]
     if pooling != "mean":
         raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
-    weights = mask[:, :, None].to(hidden.dtype)
+    weights = mask[:, :, None].float()            # sums in fp32 even when HIDDEN is bf16 (it is promoted)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
