@@ -834,9 +834,9 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     hparams = json.loads(result.row["hparams"])
     per_epoch = split.train.n_batches(hparams["batch_size"])
     measured = int(epochs["batches"].max())
+    epoch_seconds = epochs["epoch_seconds"].to_list()
     warmup = int(spec.get("warmup_epochs") or 0)          # cold epochs, left out of the medians
-    seconds_per_epoch = (float(np.median(epochs["epoch_seconds"].to_list()[warmup:])) if warmup
-                         else result.row["seconds_per_epoch"])
+    seconds_per_epoch = float(np.median(epoch_seconds[warmup:])) if warmup else result.row["seconds_per_epoch"]
     cuda = None
     if probe.epoch_ms:
         cuda = {"epoch_event_seconds": [ms / 1000 for ms in probe.epoch_ms],
@@ -847,8 +847,7 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
             "train_examples": len(split.train), "batch_size": hparams["batch_size"],
             "grad_accum": hparams["grad_accum"], "batches_per_epoch": per_epoch, "batches_measured": measured,
             "steps": -(-measured // hparams["grad_accum"]), "epochs": len(epochs),
-            "epoch_seconds": epochs["epoch_seconds"].to_list(),
-            "seconds_per_epoch": seconds_per_epoch, "warmup_epochs": warmup,
+            "epoch_seconds": epoch_seconds, "seconds_per_epoch": seconds_per_epoch, "warmup_epochs": warmup,
             "extrapolated": result.row["seconds_extrapolated"],
             "fit_peak_memory_mb": result.row["peak_memory_mb"], "device": result.row["device"],
             "baseline_rss_mb": baseline, "peak_rss_mb": proc_status_mb("VmHWM"), "peak_rss_reset": peak_reset,
