@@ -63,6 +63,14 @@ BOUNDING_KEYS: tuple[str, ...] = ("max_steps", "limit_users")
 # Training losses (the ``loss`` hparam); runs recorded without one used the first, TrainConfig's default.
 LOSS_LABELS: dict[str, str] = {"inbatch": "in-batch negatives (Eq. 8)", "full": "softmax over all items"}
 DEFAULT_LOSS = "inbatch"
+# Candidate protocols (the ``exclude_history`` hparam); a table holds runs evaluated under one of them only.
+HISTORY_LABELS: dict[str, str] = {
+    "keep": "items already in the history stay candidates (RecBole's and UniSRec's convention)",
+    "exclude": "items already in the history are not candidates (MoRec's convention)",
+}
+DEFAULT_HISTORY = "keep"
+# hparam of a run re-evaluated under the other protocol (``ssnarec retest``; train.loop.CHOSEN_UNDER)
+CHOSEN_UNDER = "epoch_chosen_under"
 PerUserLoader = Callable[[Path], pl.DataFrame]
 
 
@@ -350,7 +358,8 @@ def improvement_table(summary: pl.DataFrame, loader: PerUserLoader = read_per_us
 
 
 # Settings named in the seeds table's configuration column (with their short names), besides any that differ.
-SETTING_LABELS: dict[str, str] = {"a": "a", "batch_size": "b", "n_l": "n_l", "p": "p", "n_t": "n_t"}
+SETTING_LABELS: dict[str, str] = {"a": "a", "batch_size": "b", "n_l": "n_l", "p": "p", "n_t": "n_t",
+                                  CHOSEN_UNDER: "epoch chosen under"}
 
 
 def config_label(key: str, varying: Iterable[str] = ()) -> str:
@@ -486,15 +495,32 @@ def run_loss(hparams_json: str | None) -> str:
     return str(hparam(hparams_json, "loss") or DEFAULT_LOSS)
 
 
+def check_history(history: str) -> str:
+    if history not in HISTORY_LABELS:
+        raise ValueError(f"unknown candidate protocol {history!r}; use one of {', '.join(HISTORY_LABELS)}")
+    return history
+
+
+def run_history(hparams_json: str | None) -> str:
+    """A run's candidate protocol, keep or exclude (runs recorded without the setting kept the history)."""
+    return "exclude" if hparam(hparams_json, "exclude_history") else "keep"
+
+
 def run_item_ids(hparams_json: str | None) -> bool:
     """Whether a run's items carried a learned ID embedding (its ``item_ids`` hparam; False when absent)."""
     return bool(hparam(hparams_json, "item_ids"))
 
 
 def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: Sequence[str] | None,
-                   loss: str | None = DEFAULT_LOSS, item_ids: bool | None = False) -> pl.DataFrame:
-    """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss`` and with or
-    without item ID embeddings as ``item_ids`` says (either: any when None)."""
+                   loss: str | None = DEFAULT_LOSS, item_ids: bool | None = False,
+                   history: str | None = DEFAULT_HISTORY) -> pl.DataFrame:
+    """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss``, with or
+    without item ID embeddings as ``item_ids`` says, and evaluated under the candidate protocol ``history``
+    (each: any when None)."""
+    if history is not None:
+        check_history(history)
+        if not results.is_empty():
+            results = results.filter(pl.col("hparams").map_elements(run_history, return_dtype=pl.String) == history)
     if loss is not None:
         check_loss(loss)
         if not results.is_empty():
@@ -509,19 +535,25 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
 
 
 def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None, llms: Sequence[str] | None = None,
-                 loss: str = DEFAULT_LOSS, item_ids: bool = False,
+                 loss: str = DEFAULT_LOSS, item_ids: bool = False, history: str = DEFAULT_HISTORY,
                  per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
-    """All tables that the runs trained with ``loss`` (and ``item_ids``) support, filtered to ``datasets`` /
-    ``llms`` when given."""
-    results = filter_results(results, datasets, llms, loss, item_ids)
+    """All tables that the runs trained with ``loss`` (and ``item_ids``) and evaluated under ``history``
+    support, filtered to ``datasets`` / ``llms`` when given."""
+    results = filter_results(results, datasets, llms, loss, item_ids, history)
     summary = summarise(results)
     if summary.is_empty():
         return []
     tables = performance_tables(summary)
     items = ("text embedding + a learned ID embedding (--item-ids, not in the paper)" if item_ids
              else "text embedding only (the paper)")
+    retested = any(hparam(key, CHOSEN_UNDER) for key in summary["hparams"].to_list())
     for table in tables:
         table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}; items: {items}.")
+        table.notes.append(f"Candidates: every item; {HISTORY_LABELS[history]}.")
+        if retested:
+            table.notes.append(f"Some configurations were trained under the other protocol and re-evaluated "
+                               f"(`ssnarec retest`, hparam {CHOSEN_UNDER}): their best epoch was chosen by that "
+                               "protocol's validation R@10.")
     tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
     tables += integration_tables(summary)
     seeds = seeds_table(results, summary)

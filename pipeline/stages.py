@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.results import RESULTS_FILE
+from evaluate.results import RESULT_FILE, RESULTS_FILE
 from featurestore import StoreMissing, open_store
 from pipeline import workspace
 from pipeline.datasets import Dataset, load
-from train import ItemInputs, RunResult, TrainConfig, fit, get_method, leave_one_out, resolve
+from train import ItemInputs, RunResult, Split, TrainConfig, fit, get_method, leave_one_out, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,10 +67,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, restart: bool = Fals
     in-batch negatives from the whole global batch, or from each rank's share only)."""
     data = load(cfg.dataset)
     cfg = replace(cfg, dataset=data.name)
-    sequences: list[np.ndarray] = data.sequences
-    if cfg.limit_users is not None:
-        sequences = sequences[: cfg.limit_users]
-    split = leave_one_out(sequences, data.n_items, cfg.max_len)
+    split = _split_of(cfg, data)
     inputs = item_inputs(cfg, data)
     return fit(cfg, split, inputs, workspace.runs_dir(), results_path=results_path(), resume=resume,
                restart=restart, record={"git_commit": git_commit()}, progress=progress,
@@ -82,28 +79,50 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     return resolve(cfg)[0]
 
 
+def _run_dir(run_id: str, need: str) -> Path:
+    """The folder of a run that has ``need`` (a file name), or a StageError listing the runs that do."""
+    run_dir = workspace.runs_dir() / run_id
+    if not (run_dir / need).is_file():
+        root = workspace.runs_dir()
+        known = sorted(p.name for p in root.iterdir() if (p / need).is_file()) if root.is_dir() else []
+        raise StageError(f"no such run {run_id!r} under {root} (it needs {need}); runs that have one: "
+                         f"{', '.join(known) or 'none (train one with `make train`)'}")
+    return run_dir
+
+
+def _split_of(cfg: TrainConfig, data: Dataset) -> Split:
+    """The run's leave-one-out split (its first ``limit_users`` users when bounded)."""
+    sequences: list[np.ndarray] = data.sequences
+    if cfg.limit_users is not None:
+        sequences = sequences[: cfg.limit_users]
+    return leave_one_out(sequences, data.n_items, cfg.max_len)
+
+
 def load_run(run_id: str):
     """A finished run's model (best checkpoint, eval mode), its dataset and config."""
     import torch
 
-    from evaluate.results import CONFIG_FILE
-    from train.loop import BEST_FILE, build_model, pick_device
+    from train.loop import BEST_FILE, build_model, load_config, pick_device
 
-    run_dir = workspace.runs_dir() / run_id
-    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / BEST_FILE).is_file():
-        known = sorted(p.name for p in workspace.runs_dir().iterdir() if (p / BEST_FILE).is_file())
-        raise StageError(f"no trained run {run_id!r} under {workspace.runs_dir()}; runs with a model: "
-                         f"{', '.join(known) or 'none (train one with `make train`)'}")
-    import json
-
-    saved = json.loads((run_dir / CONFIG_FILE).read_text())
-    fields = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in fields})
+    run_dir = _run_dir(run_id, BEST_FILE)
+    cfg = load_config(run_dir)
     data = load(cfg.dataset)
     device = pick_device("cpu" if cfg.device == "auto" else cfg.device)
     model = build_model(cfg, item_inputs(cfg, data), device)
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
     return model.eval(), data, cfg
+
+
+def run_retest(run_id: str, exclude_history: bool, device: str = "cpu") -> RunResult:
+    """Re-evaluate a finished run's best checkpoint under the other candidate protocol (``train.loop.retest``)
+    and record it in the results store."""
+    from train.loop import load_config, retest
+
+    run_dir = _run_dir(run_id, RESULT_FILE)
+    cfg = load_config(run_dir)
+    data = load(cfg.dataset)
+    return retest(run_dir, _split_of(cfg, data), item_inputs(cfg, data), exclude_history,
+                  results_path=results_path(), device=device, record={"git_commit": git_commit()})
 
 
 def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: bool = True) -> list[dict]:

@@ -109,6 +109,40 @@ def test_mean_pooled_store_trains_its_own_runs(prepared):
     assert sorted(pl.read_parquet(workspace.home() / "results.parquet")["llm"]) == [str(prepared), mean]
 
 
+@pytest.mark.parametrize("trained_with", ["--keep-history", "--exclude-history"])
+def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_with):
+    """With one epoch the best epoch is the same whichever protocol chooses it, so re-evaluating a run under the
+    other protocol must give exactly the metrics of the same run trained under that one."""
+    import json
+
+    other = "--exclude-history" if trained_with == "--keep-history" else "--keep-history"
+    one = ["--method", "ssna", "--max-epochs", "1"]
+    assert train(prepared, *one, trained_with, "--run-id", "source").exit_code == 0
+    assert train(prepared, *one, other, "--run-id", "native").exit_code == 0
+    result = CliRunner().invoke(app, ["retest", "source", other, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    protocol = other.removeprefix("--").replace("-", "_")
+    retested_dir, native_dir = workspace.runs_dir() / f"source.{protocol}", workspace.runs_dir() / "native"
+    retested, native, source = (json.loads((d / "result.json").read_text())
+                                for d in (retested_dir, native_dir, workspace.runs_dir() / "source"))
+    assert any(source[f"test_{m}"] != native[f"test_{m}"] for m in ("R@10", "N@10")), "the protocols must differ here"
+    for m in ("R@10", "R@50", "N@10", "N@50"):
+        assert retested[f"test_{m}"] == native[f"test_{m}"] and retested[f"valid_{m}"] == native[f"valid_{m}"]
+    assert pl.read_parquet(retested_dir / "test_per_user.parquet").equals(
+        pl.read_parquet(native_dir / "test_per_user.parquet"))
+    assert json.loads(retested["hparams"])["epoch_chosen_under"] == trained_with.removeprefix("--").replace("-", "_")
+
+    again = CliRunner().invoke(app, ["retest", "source", other, "--no-progress"])
+    assert again.exit_code == 0 and "done before" in again.output
+    same = CliRunner().invoke(app, ["retest", "source", trained_with, "--no-progress"])
+    assert same.exit_code == 1 and "source" in same.output
+    short = "exclude" if other == "--exclude-history" else "keep"
+    shown = CliRunner().invoke(app, ["eval", "--dataset", "toy", "--history", short])
+    assert shown.exit_code == 0 and "epoch chosen under" in shown.output
+    wrong = CliRunner().invoke(app, ["eval", "--history", "drop"])
+    assert wrong.exit_code == 2 and "keep, exclude" in wrong.output
+
+
 def test_interrupted_run_needs_resume(prepared):
     from train.loop import CHECKPOINT_FILE
 

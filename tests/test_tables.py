@@ -231,6 +231,26 @@ def test_item_id_runs_never_share_a_table_with_text_only_runs(home: Path) -> Non
     assert "| Sci | R@10 | — | — | — | — | — | 0.5000 (1) |" in ids and "learned ID embedding" in ids
 
 
+def test_candidate_protocols_never_share_a_table(home: Path) -> None:
+    """Excluding history items only removes wrong candidates, so its metrics are never comparable with (and would
+    always win against) RecBole's: the default tables keep the history, --history exclude shows the others, and
+    a re-evaluated configuration says where its epoch was chosen."""
+    fake_run(home, "kept", method="ssna", hparams={"a": 3}, valid=0.1, test=0.3)
+    fake_run(home, "morec", method="ssna", hparams={"a": 3, "exclude_history": True}, valid=0.9, test=0.5)
+    fake_run(home, "kept.exclude_history", method="tmoe", valid=0.8, test=0.4,
+             hparams={"exclude_history": True, "epoch_chosen_under": "keep_history"})
+    results = load_results(home / RESULTS_FILE)
+    kept = render_markdown(table(build_tables(results), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | — | 0.3000 (1) |" in kept and "stay candidates" in kept
+    tables = build_tables(results, history="exclude")
+    excluded = render_markdown(table(tables, "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | <u>0.4000 (1)</u> | **0.5000 (1)** |" in excluded
+    assert "are not candidates" in excluded and "re-evaluated" in excluded
+    assert "epoch chosen under = keep_history" in render_markdown(table(tables, "seeds"))
+    with pytest.raises(ValueError, match="unknown candidate protocol 'drop'"):
+        build_tables(results, history="drop")
+
+
 def test_figures_and_report(home: Path) -> None:
     reports = home / "reports"
     empty = load_results(home / RESULTS_FILE)

@@ -15,6 +15,7 @@ folder and the results row. The run folder must be on a filesystem every rank se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from evaluate.results import (
     RESULT_FILE,
     append_result,
     atomic_target,
+    read_config,
     write_json_atomic,
     write_parquet_atomic,
     write_per_user,
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 SELECT_METRIC = "R@10"
+# hparam of a re-evaluated run (``retest``): the candidate protocol its best epoch was chosen under
+CHOSEN_UNDER = "epoch_chosen_under"
 
 
 class RunStateError(RuntimeError):
@@ -348,3 +352,63 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
         if results_path is not None:
             append_result(results_path, row)
     return RunResult(run_dir, row, resumed_from=start)
+
+
+def protocol(exclude_history: bool) -> str:
+    """The candidate protocol's name: ``exclude_history`` (MoRec's) or ``keep_history`` (RecBole's)."""
+    return "exclude_history" if exclude_history else "keep_history"
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    """The resolved configuration a run folder's config.json records (its extra keys, such as n_params, left
+    out)."""
+    saved = read_config(run_dir)
+    return TrainConfig.from_dict({k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: bool, *,
+           results_path: Path | None = None, device: str = "cpu", record: dict[str, Any] | None = None) -> RunResult:
+    """Evaluate a finished run's best checkpoint again under the other candidate protocol, without training.
+
+    Validation and test metrics are recomputed with history items excluded from the candidates (MoRec) or kept
+    (RecBole). The result goes to a sibling folder ``<run_id>.<protocol>/`` (config.json, test_per_user.parquet,
+    result.json) and a results row of its own, whose hparams carry the new protocol and ``epoch_chosen_under``:
+    the best epoch was chosen by the validation R@10 of the protocol the run trained with, so these rows never
+    pool with runs trained under the new protocol. The training figures (epochs, seconds per epoch, peak memory)
+    are the source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``).
+    """
+    source = json.loads((run_dir / RESULT_FILE).read_text()) if (run_dir / RESULT_FILE).is_file() else None
+    if source is None or not (run_dir / BEST_FILE).is_file():
+        raise RunStateError(f"{run_dir} is not a finished run (result.json and best.pt are written when training "
+                            "ends); finish it with `ssnarec train ... --resume` first")
+    hparams = json.loads(source["hparams"])
+    if CHOSEN_UNDER in hparams:
+        raise RunStateError(f"{run_dir} is itself a re-evaluation (its config.json names the run under retest_of); "
+                            "retest that run instead")
+    cfg = load_config(run_dir)
+    if cfg.exclude_history == exclude_history:
+        raise RunStateError(f"{run_dir.name} was already evaluated with {protocol(exclude_history)}: its own "
+                            "result.json holds those metrics")
+    target = run_dir.parent / f"{run_dir.name}.{protocol(exclude_history)}"
+    if (target / RESULT_FILE).exists():
+        return RunResult(target, json.loads((target / RESULT_FILE).read_text()), skipped=True)
+    cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
+    dev = pick_device(device)
+    model = build_model(cfg, inputs, dev)
+    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=dev, weights_only=True))
+    valid = mean_metrics(evaluate_examples(model, split.valid, cfg, dev))
+    test = evaluate_examples(model, split.test, cfg, dev)
+    test_mean = mean_metrics(test)
+    chosen_under = protocol(not exclude_history)
+    hparams.update(exclude_history=exclude_history, **{CHOSEN_UNDER: chosen_under})
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({**cfg.to_dict(), "retest_of": run_dir.name, CHOSEN_UNDER: chosen_under},
+                      target / CONFIG_FILE)
+    write_per_user(target, split.test.users, test)
+    row = {**source, "run_id": target.name, "hparams": json.dumps(hparams, sort_keys=True),
+           **{f"valid_{m}": valid[m] for m in METRIC_NAMES}, **{f"test_{m}": test_mean[m] for m in METRIC_NAMES},
+           "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_dir": str(target), **(record or {})}
+    write_json_atomic(row, target / RESULT_FILE)
+    if results_path is not None:
+        append_result(results_path, row)
+    return RunResult(target, row)

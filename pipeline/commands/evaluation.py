@@ -21,6 +21,9 @@ LLM_HELP = "Only these LLMs (comma-separated, e.g. minilm,distilbert); empty = a
 RESULTS_HELP = "Results store to read; empty = $SSNAREC_HOME/results.parquet."
 LOSS_HELP = ("Only runs trained with this loss: inbatch (the paper's Eq. 8) or full (softmax over all items); "
              "the two never share a table.")
+HISTORY_HELP = ("Only runs evaluated under this candidate protocol: keep (history items stay candidates, RecBole's "
+                "convention) or exclude (MoRec's; `train --exclude-history`, or `ssnarec retest`); the two never "
+                "share a table.")
 ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
                  "runs (the paper's); the two never share a table.")
 
@@ -41,15 +44,17 @@ def _load(value: str) -> tuple[Path, pl.DataFrame]:
         raise typer.Exit(code=1) from err
 
 
-def _check_loss(value: str) -> None:
-    """Exit 2 with evaluate's message when --loss names no training loss (before any table is built)."""
-    from evaluate.tables import check_loss
+def _check_filters(loss: str, history: str) -> None:
+    """Exit 2 with evaluate's message when --loss names no training loss or --history no candidate protocol
+    (before any table is built)."""
+    from evaluate.tables import check_history, check_loss
 
-    try:
-        check_loss(value)
-    except ValueError as err:
-        typer.echo(f"error: --loss: {err}", err=True)
-        raise typer.Exit(code=2) from err
+    for flag, check, value in (("--loss", check_loss, loss), ("--history", check_history, history)):
+        try:
+            check(value)
+        except ValueError as err:
+            typer.echo(f"error: {flag}: {err}", err=True)
+            raise typer.Exit(code=2) from err
 
 
 def _results_path(value: str) -> Path:
@@ -64,14 +69,16 @@ def eval_command(
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
+    history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
     from evaluate.tables import build_tables, render_markdown, render_text, write_tables
 
     path, frame = _load(results)
-    _check_loss(loss)
-    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss, item_ids=item_ids)
+    _check_filters(loss, history)
+    tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss, item_ids=item_ids,
+                          history=history)
     if not tables:
         typer.echo(f"No finished runs in {path}" + (" for that filter" if frame.height else "")
                    + "; train some first, e.g. `make train METHOD=ssna DATASET=sci LLM=minilm`.")
@@ -88,18 +95,72 @@ def report_command(
     results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
+    history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
 
     path, frame = _load(results)
-    _check_loss(loss)
-    report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset),
-                          llms=_split(llm), loss=loss, item_ids=item_ids, source=str(path))
+    _check_filters(loss, history)
+    report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset), llms=_split(llm), loss=loss,
+                          item_ids=item_ids, history=history, source=str(path))
     typer.echo(str(report))
 
 
+def retest_command(
+    runs: list[str] | None = typer.Argument(None, help="Run ids to re-evaluate.", show_default="every finished "
+                                            "run that matches the filters"),
+    dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
+    llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
+    method: str = typer.Option("", "--method", help="Only these methods (comma-separated).", show_default="all"),
+    exclude_history: bool = typer.Option(True, "--exclude-history/--keep-history", help="The protocol to "
+                                         "evaluate under: MoRec's (history items are not candidates) or "
+                                         "RecBole's (they are).", show_default=True),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.", show_default=True),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Evaluate finished runs again under the other candidate protocol, without training: their best checkpoint
+    is scored on validation and test, and each result is recorded as runs/<run-id>.<protocol>/ and a results
+    row (shown by `ssnarec eval --history exclude|keep`). Runs already re-evaluated are skipped."""
+    from tqdm.auto import tqdm
+
+    from evaluate.tables import CHOSEN_UNDER, filter_results, hparam
+    from pipeline.datasets import DatasetError
+    from pipeline.stages import StageError, run_retest
+    from train.loop import RunStateError
+
+    _, frame = _load("")
+    frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None,
+                           history="keep" if exclude_history else "exclude")
+    if method:
+        frame = frame.filter(frame["method"].is_in(_split(method)))
+    frame = frame.filter(frame["hparams"].map_elements(lambda h: hparam(h, CHOSEN_UNDER) is None,
+                                                       return_dtype=bool))
+    chosen = frame["run_id"].to_list()
+    if runs:
+        unknown = [r for r in runs if r not in chosen]
+        if unknown:
+            typer.echo(f"error: not finished runs evaluated under the other protocol (matching the filters): "
+                       f"{', '.join(unknown)}. `ssnarec eval` lists the finished runs.", err=True)
+            raise typer.Exit(code=1)
+        chosen = list(runs)
+    if not chosen:
+        typer.echo("No finished runs to re-evaluate for that filter.")
+        raise typer.Exit(code=0)
+    for run_id in tqdm(chosen, desc="retest", unit="run", disable=not progress):
+        try:
+            result = run_retest(run_id, exclude_history, device)
+        except (DatasetError, StageError, RunStateError) as exc:
+            typer.echo(f"error: {run_id}: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        row = result.row
+        metrics = "  ".join(f"{m} {row[f'test_{m}']:.4f}" for m in ("R@10", "R@50", "N@10", "N@50"))
+        state = " (done before)" if result.skipped else ""
+        tqdm.write(f"{row['run_id']}{state}: test {metrics}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``eval`` and ``report`` to the top-level app."""
+    """Add ``eval``, ``report`` and ``retest`` to the top-level app."""
     app.command("eval")(eval_command)
     app.command("report")(report_command)
+    app.command("retest")(retest_command)
