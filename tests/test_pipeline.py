@@ -143,6 +143,17 @@ def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_
     assert wrong.exit_code == 2 and "keep, exclude" in wrong.output
 
 
+def test_adalora_run_reloads_for_retest_and_recommend(prepared):
+    """AdaLoRA's rank schedule needs the run's planned steps even to rebuild the model from its checkpoint."""
+    trained = train(prepared, "--method", "adalora", "--max-steps", "2", "--batch-size", "8", "--grad-accum", "1",
+                    "--run-id", "ada")
+    assert trained.exit_code == 0, trained.output
+    retested = CliRunner().invoke(app, ["retest", "ada", "--no-progress"])
+    assert retested.exit_code == 0 and "ada.exclude_history" in retested.output, retested.output
+    rec = CliRunner().invoke(app, ["recommend", "--run", "ada", "--history", "I001", "-k", "3"])
+    assert rec.exit_code == 0 and len(rec.output.strip().splitlines()) == 3, rec.output
+
+
 def test_interrupted_run_needs_resume(prepared):
     from train.loop import CHECKPOINT_FILE
 

@@ -173,6 +173,12 @@ def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: Tra
     return {m: table[:, i] for i, m in enumerate(names)}
 
 
+def planned_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    """The optimiser steps a run plans (AdaLoRA's rank schedule spans them), given its batches per epoch."""
+    steps_per_epoch = -(-per_epoch // cfg.grad_accum)
+    return min(cfg.max_steps or 1 << 62, steps_per_epoch * (cfg.adalora_epochs or cfg.max_epochs))
+
+
 def build_model(cfg: TrainConfig, inputs: ItemInputs, device: torch.device) -> SequentialRecommender:
     """The method's item encoder plus SASRec, initialised from cfg.seed (cfg already resolved)."""
     torch.manual_seed(cfg.seed)
@@ -238,8 +244,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
     run_dir.mkdir(parents=True, exist_ok=True)
 
     per_epoch = split.train.n_batches(cfg.batch_size, world)   # (global) batches in a full epoch
-    steps_per_epoch = -(-per_epoch // cfg.grad_accum)           # optimiser steps in a full epoch
-    inputs.total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * (cfg.adalora_epochs or cfg.max_epochs))
+    inputs.total_steps = planned_steps(cfg, per_epoch)
     model = build_model(cfg, inputs, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -393,6 +398,7 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
     if (target / RESULT_FILE).exists():
         return RunResult(target, json.loads((target / RESULT_FILE).read_text()), skipped=True)
     cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
+    inputs.total_steps = planned_steps(cfg, split.train.n_batches(cfg.batch_size))   # as fit planned it
     dev = pick_device(device)
     model = build_model(cfg, inputs, dev)
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=dev, weights_only=True))

@@ -6,6 +6,7 @@ other commands start fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,16 +148,21 @@ def retest_command(
     if not chosen:
         typer.echo("No finished runs to re-evaluate for that filter.")
         raise typer.Exit(code=0)
+    failed = []
     for run_id in tqdm(chosen, desc="retest", unit="run", disable=not progress):
         try:
             result = run_retest(run_id, exclude_history, device)
-        except (DatasetError, StageError, RunStateError) as exc:
-            typer.echo(f"error: {run_id}: {exc}", err=True)
-            raise typer.Exit(code=1) from None
+        except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
+            tqdm.write(f"error: {run_id}: {exc}", file=sys.stderr)
+            failed.append(run_id)
+            continue
         row = result.row
         metrics = "  ".join(f"{m} {row[f'test_{m}']:.4f}" for m in ("R@10", "R@50", "N@10", "N@50"))
         state = " (done before)" if result.skipped else ""
         tqdm.write(f"{row['run_id']}{state}: test {metrics}")
+    if failed:
+        typer.echo(f"error: {len(failed)} of {len(chosen)} run(s) not re-evaluated: {', '.join(failed)}", err=True)
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
