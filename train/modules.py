@@ -40,7 +40,10 @@ class MoEAdapters(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         n_items = h.shape[0]
         x = h.transpose(0, 1)                                                   # [a, N, in]
-        heads = torch.bmm(self.dropout(x), self.weight)                         # [a, N, E*out]
+        # one copy of the weights in the compute dtype (bf16 under autocast: the store rows arrive in it), which
+        # both products below use and autograd keeps once; autocast would cast the heads' view a second time
+        weight = self.weight.to(x.dtype)
+        heads = torch.bmm(self.dropout(x), weight)                              # [a, N, E*out]
         heads = heads.view(self.n_adapters, n_items, self.n_experts, self.out_dim)
         gate = torch.bmm(x, self.gate)                                          # [a, N, 2E]
         logits = gate[..., : self.n_experts]
@@ -50,7 +53,7 @@ class MoEAdapters(nn.Module):
         weights = torch.softmax(logits, dim=-1)                                 # [a, N, E]
         # Σ_k g_k (x − b_k) W_k = Σ_k g_k x W_k − Σ_k g_k (b_k W_k): the shift costs an [E, out] product per
         # adapter instead of a pass over every item's heads
-        w = self.weight.view(self.n_adapters, self.in_dim, self.n_experts, self.out_dim)
+        w = weight.view(self.n_adapters, self.in_dim, self.n_experts, self.out_dim)
         shift = torch.einsum("aei,aieo->aeo", self.shift, w)                   # [a, E, out]
         z = torch.matmul(weights.unsqueeze(-2), heads).squeeze(-2) - torch.bmm(weights, shift.to(weights.dtype))
         return z.transpose(0, 1)                                                # [N, a, out]
