@@ -389,6 +389,12 @@ def seeds_table(results: pl.DataFrame, summary: pl.DataFrame) -> Table | None:
                        *(pl.col(f"test_{m}").mean() for m in METRIC_NAMES),
                        *(pl.col(f"test_{m}").std().alias(f"sd_{m}") for m in METRIC_NAMES)))
     reported = {(r["dataset"], r["llm"], r["method"], r["hparams"]) for r in summary.iter_rows(named=True)}
+    # a method's label names the settings that differ between any two of its configurations in the whole table,
+    # so that a configuration shown alone under one LLM still says how it differs from those under another
+    varying: dict[str, set[str]] = {}
+    for meth in set(per_config["method"].to_list()):
+        params = [json.loads(k) if k else {} for k in per_config.filter(pl.col("method") == meth)["hparams"].to_list()]
+        varying[meth] = {k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1}
     rows: list[list[str | Cell]] = []
     for ds in ordered(per_config["dataset"].to_list(), DATASET_ORDER):
         for llm in ordered(per_config.filter(pl.col("dataset") == ds)["llm"].to_list(), LLM_ORDER):
@@ -396,13 +402,11 @@ def seeds_table(results: pl.DataFrame, summary: pl.DataFrame) -> Table | None:
             for meth in ordered(part["method"].to_list(), METHOD_ORDER):
                 configs = part.filter(pl.col("method") == meth).sort(["valid_R@10", "hparams"], descending=[True, False],
                                                                      nulls_last=True)
-                params = [json.loads(k) if k else {} for k in configs["hparams"].to_list()]
-                varying = {k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1}
                 for r in configs.iter_rows(named=True):
                     n = len(r["seeds"])
                     mark = "✓" if (ds, llm, meth, r["hparams"]) in reported else ""
                     rows.append([dataset_label(ds), llm_label(llm), method_label(meth),
-                                 config_label(r["hparams"], varying), mark, ", ".join(map(str, r["seeds"])),
+                                 config_label(r["hparams"], varying[meth]), mark, ", ".join(map(str, r["seeds"])),
                                  f"{r['valid_R@10']:.4f}" if r["valid_R@10"] is not None else MISSING,
                                  *(_spread_cell(r[f"test_{m}"], r[f"sd_{m}"], n) for m in METRIC_NAMES)])
     return Table("seeds", "Seeds: every configuration trained to early stop",

@@ -312,3 +312,14 @@ def test_seeds_table_mean_and_sample_sd_per_configuration(home: Path) -> None:
     assert seeds.rows[0][6:] == ["0.1200", *[f"0.2000 ± {sd:.4f}"] * len(METRIC_NAMES)]
     assert seeds.rows[1][6:] == ["0.1100", *["0.5000"] * len(METRIC_NAMES)]
     assert "| Sci | tiny | SSNA | a = 3, b = 256 | ✓ | 0, 1, 2 | 0.1200 | 0.2000 ± 0.1000 |" in render_markdown(seeds)
+
+
+def test_seeds_table_labels_a_lone_configuration_by_what_differs_under_another_llm(home: Path) -> None:
+    """A setting that varies between a method's configurations anywhere in the table is named in every one of its
+    labels, also where an LLM has a single configuration of that method."""
+    fake_run(home, "td", llm="tiny", hparams={"a": 3, "gru_order": "top_down"}, valid=0.1, test=0.1)
+    fake_run(home, "bu", llm="tiny", hparams={"a": 3, "gru_order": "bottom_up"}, valid=0.2, test=0.2)
+    fake_run(home, "mean", llm="tiny:mean", hparams={"a": 3, "gru_order": "bottom_up"}, valid=0.3, test=0.3)
+    labels = {(row[1], row[3]) for row in table(build_tables(load_results(home / RESULTS_FILE)), "seeds").rows}
+    assert labels == {("tiny", "a = 3, gru_order = bottom_up"), ("tiny", "a = 3, gru_order = top_down"),
+                      ("tiny:mean", "a = 3, gru_order = bottom_up")}
