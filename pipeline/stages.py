@@ -47,16 +47,22 @@ def item_inputs(cfg: TrainConfig, data: Dataset) -> ItemInputs:
         texts = data.items["text"].fill_null("").to_list()
         return ItemInputs(data.n_items, texts=texts, llm=cfg.llm, cache_dir=workspace.cache_dir(),
                           preload=cfg.preload_features)
+    store = dataset_store(data, cfg.llm)
+    return ItemInputs(data.n_items, layers=store.top_layers, preload=cfg.preload_features)
+
+
+def dataset_store(data: Dataset, llm: str):
+    """The stage-one store of ``data`` and ``llm``, checked to hold exactly the dataset's items in order."""
     try:
-        store = open_store(workspace.store_dir(), data.name, cfg.llm)
+        store = open_store(workspace.store_dir(), data.name, llm)
     except StoreMissing:
-        raise StageError(f"no embedding store for dataset {data.name!r} and LLM {cfg.llm!r}. Fix: run "
-                         f"`make embeddings DATASET={data.name} LLM={cfg.llm}`") from None
+        raise StageError(f"no embedding store for dataset {data.name!r} and LLM {llm!r}. Fix: run "
+                         f"`make embeddings DATASET={data.name} LLM={llm}`") from None
     if store.item_ids != data.items["item_id"].to_list():
         raise StageError(f"the store at {store.folder} does not match dataset {data.name!r} (items differ: the "
-                         f"dataset was prepared again). Fix: run `make embeddings DATASET={data.name} LLM={cfg.llm}` "
+                         f"dataset was prepared again). Fix: run `make embeddings DATASET={data.name} LLM={llm}` "
                          "(only changed items are re-embedded)")
-    return ItemInputs(data.n_items, layers=store.top_layers, preload=cfg.preload_features)
+    return store
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
@@ -155,3 +161,29 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
     item_ids = ids["item_id"].to_list()
     return [{"item_id": item_ids[i], "score": float(s), "text": texts[i]}
             for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+
+def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_history: bool = False,
+                     split: str = "test") -> list[dict]:
+    """Popularity and (with LLM) the nearest neighbour of the last item on the store's layer ``layer`` (0 = top)
+    over the leave-one-out ``split`` (test or valid): one row each, name plus mean R@10 … N@50."""
+    from evaluate import METRIC_NAMES
+    from evaluate.references import last_item_neighbour, popularity, train_part_counts
+
+    if split not in ("test", "valid"):
+        raise StageError(f"split must be test or valid, got {split!r}")
+    data = load(dataset)
+    examples = getattr(leave_one_out(data.sequences, data.n_items), split)
+    targets = examples.items[examples.offsets[examples.users] + examples.positions]
+    histories = examples.histories()
+    counts = train_part_counts(data.sequences, data.n_items)
+    rows = [("popularity (training-part counts)", popularity(counts, targets, histories,
+                                                              exclude_history=exclude_history))]
+    if llm:
+        store = dataset_store(data, llm)
+        if not 0 <= layer < store.n_layers:
+            raise StageError(f"layer {layer} is not in the store: it holds layers 0 (top) to {store.n_layers - 1}")
+        vectors = np.asarray(store.top_layers(layer + 1)[:, layer], dtype=np.float32)
+        name = f"nearest neighbour of the last item ({llm}, layer {'top' if layer == 0 else f'top − {layer}'})"
+        rows.append((name, last_item_neighbour(vectors, targets, histories, exclude_history=exclude_history)))
+    return [{"reference": name, **{m: float(np.mean(per_user[m])) for m in METRIC_NAMES}} for name, per_user in rows]

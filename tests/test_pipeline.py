@@ -154,6 +154,17 @@ def test_adalora_run_reloads_for_retest_and_recommend(prepared):
     assert rec.exit_code == 0 and len(rec.output.strip().splitlines()) == 3, rec.output
 
 
+def test_references_command(prepared):
+    shown = CliRunner().invoke(app, ["references", "--dataset", "toy", "--llm", str(prepared)])
+    assert shown.exit_code == 0, shown.output
+    rows = [line for line in shown.output.splitlines() if line.startswith("| popularity") or "neighbour" in line]
+    assert len(rows) == 2 and all(0.0 <= float(v) <= 1.0 for row in rows for v in row.strip("| ").split(" | ")[1:])
+    missing = CliRunner().invoke(app, ["references", "--dataset", "toy", "--llm", "other-llm"])
+    assert missing.exit_code == 1 and "make embeddings DATASET=toy LLM=other-llm" in missing.output
+    deep = CliRunner().invoke(app, ["references", "--dataset", "toy", "--llm", str(prepared), "--layer", "99"])
+    assert deep.exit_code == 1 and "layer 99" in deep.output
+
+
 def test_interrupted_run_needs_resume(prepared):
     from train.loop import CHECKPOINT_FILE
 

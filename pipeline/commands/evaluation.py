@@ -165,8 +165,37 @@ def retest_command(
         raise typer.Exit(code=1)
 
 
+def references_command(
+    dataset: str = typer.Option("sci", "--dataset", help="Prepared dataset name.", show_default=True),
+    llm: str = typer.Option("", "--llm", help="Stage-one store for the last-item neighbour (NAME or NAME:mean); "
+                            "empty = popularity only.", show_default="none"),
+    layer: int = typer.Option(0, "--layer", help="Stored layer the neighbour reads: 0 = top, 1 = one below, …",
+                              show_default=True),
+    exclude_history: bool = typer.Option(False, "--exclude-history/--keep-history", help="MoRec's protocol "
+                                         "(history items are not candidates) or RecBole's.", show_default=True),
+    split: str = typer.Option("test", "--split", help="test or valid.", show_default=True),
+) -> None:
+    """Training-free reference points on the runs' split and protocol: item popularity and the nearest
+    neighbour of the last item (a trained text model that does not clearly beat the latter has a bug)."""
+    from evaluate import METRIC_NAMES
+    from pipeline.datasets import DatasetError
+    from pipeline.stages import StageError, reference_points
+
+    try:
+        rows = reference_points(dataset, llm or None, layer, exclude_history, split)
+    except (DatasetError, StageError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    protocol = "history excluded (MoRec)" if exclude_history else "history kept (RecBole)"
+    typer.echo(f"{dataset}, {split} split, full ranking, {protocol}")
+    typer.echo(f"| reference | {' | '.join(METRIC_NAMES)} |\n|---|{'---:|' * len(METRIC_NAMES)}")
+    for row in rows:
+        typer.echo(f"| {row['reference']} | {' | '.join(f'{row[m]:.4f}' for m in METRIC_NAMES)} |")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``eval``, ``report`` and ``retest`` to the top-level app."""
+    """Add ``eval``, ``report``, ``retest`` and ``references`` to the top-level app."""
     app.command("eval")(eval_command)
     app.command("report")(report_command)
     app.command("retest")(retest_command)
+    app.command("references")(references_command)
