@@ -247,6 +247,35 @@ def test_loss_falls_on_a_tiny_synthetic_set(loss, features, sequences):
 
 
 # ---------------------------------------------------------------- the loop
+def test_new_runs_use_fused_adam_and_resumed_runs_keep_their_own(tmp_path, features, sequences, monkeypatch):
+    fused_at_step: list[object] = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            fused_at_step.append(self.param_groups[0]["fused"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    split = leave_one_out(sequences, N_ITEMS)
+    cfg = tiny_cfg("tmoe", max_epochs=2, patience=10)
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, split, inputs_for(features), tmp_path, progress=False, on_epoch=stop_after_first)
+    assert fused_at_step and set(fused_at_step) == {True}
+    checkpoint = tmp_path / resolve(cfg)[0].run_key() / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:   # as a checkpoint written before fused Adam was used
+        group["fused"] = None
+    torch.save(state, checkpoint)
+    fused_at_step.clear()
+    fit(cfg, split, inputs_for(features), tmp_path, progress=False, resume=True)
+    assert fused_at_step and set(fused_at_step) == {None}
+
+
 def test_fit_writes_the_run_and_resumes_exactly(tmp_path, features, sequences):
     split = leave_one_out(sequences, N_ITEMS)
     cfg = tiny_cfg("ssna", max_epochs=3, patience=10)

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 SELECT_METRIC = "R@10"
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 # hparam of a re-evaluated run (``retest``): the candidate protocol its best epoch was chosen under
 CHOSEN_UNDER = "epoch_chosen_under"
 
@@ -247,7 +248,11 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
     inputs.total_steps = planned_steps(cfg, per_epoch)
     model = build_model(cfg, inputs, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # PyTorch's fused Adam (one kernel over all parameters) where it exists: on CPU its step takes a fifth of the
+    # per-parameter loop's time for SSNA's parameters. A resumed run keeps the implementation it was started with
+    # (the optimiser's saved param_groups carry it).
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type in FUSED_ADAM_DEVICES)
     hooks = getattr(model.item_encoder, "training_hooks", None)   # e.g. AdaLoRA's regulariser and rank update
     history: list[dict[str, Any]] = []
     best, best_epoch, stale, start, step = -1.0, 0, 0, 0, 0
