@@ -200,6 +200,18 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
 
 
+def read_result(run_dir: Path) -> dict[str, Any]:
+    """A finished run's result.json (its results-store row) as a dict."""
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: missing; the training run writes it when it finishes") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}); delete the file and rerun the "
+                         "run (or `ssnarec retest` for a re-evaluation) to write it again") from err
+
+
 def write_per_user(run_dir: Path, user_idx: np.ndarray, per_user: Mapping[str, np.ndarray]) -> Path:
     """Write a run's per-user test metrics (from :func:`evaluate.metrics.full_ranking`) atomically."""
     missing = [m for m in METRIC_NAMES if m not in per_user]

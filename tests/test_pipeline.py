@@ -136,6 +136,9 @@ def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_
     assert again.exit_code == 0 and "done before" in again.output
     same = CliRunner().invoke(app, ["retest", "source", trained_with, "--no-progress"])
     assert same.exit_code == 1 and "source" in same.output
+    (retested_dir / "result.json").write_text("{")
+    damaged = CliRunner().invoke(app, ["retest", "source", other, "--no-progress"])
+    assert damaged.exit_code == 1 and f"{retested_dir / 'result.json'}: line 1" in damaged.output
     short = "exclude" if other == "--exclude-history" else "keep"
     shown = CliRunner().invoke(app, ["eval", "--dataset", "toy", "--history", short])
     assert shown.exit_code == 0 and "epoch chosen under" in shown.output

@@ -42,6 +42,7 @@ from evaluate.results import (
     append_result,
     atomic_target,
     read_config,
+    read_result,
     write_json_atomic,
     write_parquet_atomic,
     write_per_user,
@@ -238,7 +239,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
             (run_dir / name).unlink(missing_ok=True)
     dist.barrier()
     if (run_dir / RESULT_FILE).exists():
-        return RunResult(run_dir, json.loads((run_dir / RESULT_FILE).read_text()), skipped=True)
+        return RunResult(run_dir, read_result(run_dir), skipped=True)
     if (run_dir / CHECKPOINT_FILE).exists() and not resume:
         raise RunStateError(f"{run_dir} holds an interrupted run; pass --resume to continue it or --restart to "
                             "start it over")
@@ -387,10 +388,10 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
     pool with runs trained under the new protocol. The training figures (epochs, seconds per epoch, peak memory)
     are the source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``).
     """
-    source = json.loads((run_dir / RESULT_FILE).read_text()) if (run_dir / RESULT_FILE).is_file() else None
-    if source is None or not (run_dir / BEST_FILE).is_file():
+    if not (run_dir / RESULT_FILE).is_file() or not (run_dir / BEST_FILE).is_file():
         raise RunStateError(f"{run_dir} is not a finished run (result.json and best.pt are written when training "
                             "ends); finish it with `ssnarec train ... --resume` first")
+    source = read_result(run_dir)
     hparams = json.loads(source["hparams"])
     if CHOSEN_UNDER in hparams:
         raise RunStateError(f"{run_dir} is itself a re-evaluation (its config.json names the run under retest_of); "
@@ -401,7 +402,7 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
                             "result.json holds those metrics")
     target = run_dir.parent / f"{run_dir.name}.{protocol(exclude_history)}"
     if (target / RESULT_FILE).exists():
-        return RunResult(target, json.loads((target / RESULT_FILE).read_text()), skipped=True)
+        return RunResult(target, read_result(target), skipped=True)
     cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
     inputs.total_steps = planned_steps(cfg, split.train.n_batches(cfg.batch_size))   # as fit planned it
     dev = pick_device(device)
