@@ -189,27 +189,25 @@ def read_epochs(run_dir: Path) -> pl.DataFrame:
     return _read_run_parquet(path, ("epoch", "valid_R@10"), "the training run writes it after every epoch")
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    """A run's config.json as a dict."""
-    path = Path(run_dir) / CONFIG_FILE
+def _read_run_json(path: Path, written: str, fix: str = "") -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: missing; the training run writes it when it starts") from err
+        raise FileNotFoundError(f"{path}: missing; the training run writes it {written}") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
+        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}){fix}") from err
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json as a dict."""
+    return _read_run_json(Path(run_dir) / CONFIG_FILE, "when it starts")
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:
     """A finished run's result.json (its results-store row) as a dict."""
-    path = Path(run_dir) / RESULT_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: missing; the training run writes it when it finishes") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}); delete the file and rerun the "
-                         "run (or `ssnarec retest` for a re-evaluation) to write it again") from err
+    return _read_run_json(Path(run_dir) / RESULT_FILE, "when it finishes",
+                          "; delete the file and rerun the run (or `ssnarec retest` for a re-evaluation) to write it "
+                          "again")
 
 
 def write_per_user(run_dir: Path, user_idx: np.ndarray, per_user: Mapping[str, np.ndarray]) -> Path:
