@@ -28,6 +28,9 @@ CONFIG_FILE = "config.json"
 EPOCHS_FILE = "epochs.parquet"
 PER_USER_FILE = "test_per_user.parquet"
 RESULT_FILE = "result.json"
+# hparam of a run re-evaluated under the other candidate protocol (``ssnarec retest``): the protocol its best
+# epoch was chosen under
+CHOSEN_UNDER = "epoch_chosen_under"
 
 RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String(),

@@ -30,7 +30,7 @@ from pathlib import Path
 import polars as pl
 
 from evaluate import METRIC_NAMES
-from evaluate.results import read_per_user, write_text_atomic
+from evaluate.results import CHOSEN_UNDER, read_per_user, write_text_atomic
 from evaluate.stats import (
     SIGNIFICANCE_ALPHA,
     improvement_pct,
@@ -69,8 +69,6 @@ HISTORY_LABELS: dict[str, str] = {
     "exclude": "items already in the history are not candidates (MoRec's convention)",
 }
 DEFAULT_HISTORY = "keep"
-# hparam of a run re-evaluated under the other protocol (``ssnarec retest``; train.loop.CHOSEN_UNDER)
-CHOSEN_UNDER = "epoch_chosen_under"
 PerUserLoader = Callable[[Path], pl.DataFrame]
 
 

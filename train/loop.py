@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from evaluate.metrics import METRIC_NAMES, full_ranking, mean_metrics
 from evaluate.results import (
+    CHOSEN_UNDER,
     CONFIG_FILE,
     EPOCHS_FILE,
     RESULT_FILE,
@@ -61,8 +62,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 SELECT_METRIC = "R@10"
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
-# hparam of a re-evaluated run (``retest``): the candidate protocol its best epoch was chosen under
-CHOSEN_UNDER = "epoch_chosen_under"
 
 
 class RunStateError(RuntimeError):

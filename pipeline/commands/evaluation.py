@@ -125,7 +125,8 @@ def retest_command(
     row (shown by `ssnarec eval --history exclude|keep`). Runs already re-evaluated are skipped."""
     from tqdm.auto import tqdm
 
-    from evaluate.tables import CHOSEN_UNDER, filter_results, hparam
+    from evaluate.results import CHOSEN_UNDER
+    from evaluate.tables import filter_results, hparam
     from pipeline.datasets import DatasetError
     from pipeline.stages import StageError, run_retest
     from train.loop import RunStateError
