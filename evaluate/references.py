@@ -20,8 +20,6 @@ import torch.nn.functional as F
 
 from evaluate.metrics import full_ranking
 
-REFERENCES = ("popularity", "last-item neighbour")
-
 
 def train_part_counts(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
     """How often each item occurs in the training parts of the sequences (all but each one's last two items)."""

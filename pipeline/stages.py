@@ -174,8 +174,7 @@ def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_hist
         raise StageError(f"split must be test or valid, got {split!r}")
     data = load(dataset)
     examples = getattr(leave_one_out(data.sequences, data.n_items), split)
-    targets = examples.items[examples.offsets[examples.users] + examples.positions]
-    histories = examples.histories()
+    targets, histories = examples.targets(), examples.histories()
     counts = train_part_counts(data.sequences, data.n_items)
     rows = [("popularity (training-part counts)", popularity(counts, targets, histories,
                                                               exclude_history=exclude_history))]

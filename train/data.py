@@ -68,6 +68,10 @@ class Examples:
         return Batch(torch.from_numpy(history.astype(np.int64)), torch.from_numpy(lengths.copy()),
                      torch.from_numpy(self.items[target_at].astype(np.int64)), torch.from_numpy(users.copy()))
 
+    def targets(self) -> np.ndarray:
+        """Each example's target item."""
+        return self.items[self.offsets[self.users] + self.positions]
+
     def histories(self) -> list[np.ndarray]:
         """Each example's history as an array (for MoRec-style exclusion of seen items)."""
         starts = self.offsets[self.users] + self.positions - self.lengths

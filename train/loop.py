@@ -162,7 +162,7 @@ def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: Tra
     # SASRec runs on modest user batches (its attention layout is [B, L, 3d]); ranking takes large ones
     users = torch.cat([model.predict(batch.to(device), vectors) for batch in examples.batches(512)]
                       or [vectors.new_zeros(0, vectors.shape[1])])
-    targets = torch.from_numpy(examples.items[examples.offsets[examples.users] + examples.positions])
+    targets = torch.from_numpy(examples.targets())
     per_user = full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
                             histories=examples.histories() if cfg.exclude_history else None,
                             exclude_history=cfg.exclude_history, batch_size=cfg.eval_batch_size)
