@@ -106,18 +106,13 @@ def _split_of(cfg: TrainConfig, data: Dataset) -> Split:
 
 def load_run(run_id: str):
     """A finished run's model (best checkpoint, eval mode), its dataset and config."""
-    import torch
-
-    from train.loop import BEST_FILE, build_model, load_config, pick_device, planned_steps
+    from train.loop import BEST_FILE, load_best, load_config, pick_device
 
     run_dir = _run_dir(run_id, BEST_FILE)
     cfg = load_config(run_dir)
     data = load(cfg.dataset)
     device = pick_device("cpu" if cfg.device == "auto" else cfg.device)
-    inputs = item_inputs(cfg, data)
-    inputs.total_steps = planned_steps(cfg, _split_of(cfg, data).train.n_batches(cfg.batch_size))
-    model = build_model(cfg, inputs, device)
-    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
+    model = load_best(run_dir, cfg, _split_of(cfg, data), item_inputs(cfg, data), device)
     return model.eval(), data, cfg
 
 

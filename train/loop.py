@@ -180,6 +180,16 @@ def planned_steps(cfg: TrainConfig, per_epoch: int) -> int:
     return min(cfg.max_steps or 1 << 62, steps_per_epoch * (cfg.adalora_epochs or cfg.max_epochs))
 
 
+def load_best(run_dir: Path, cfg: TrainConfig, split: Split, inputs: ItemInputs,
+              device: torch.device) -> SequentialRecommender:
+    """A run's model rebuilt from ``cfg`` and its best checkpoint, with the step count its training planned
+    (AdaLoRA's rank schedule needs it to rebuild)."""
+    inputs.total_steps = planned_steps(cfg, split.train.n_batches(cfg.batch_size))
+    model = build_model(cfg, inputs, device)
+    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
+    return model
+
+
 def build_model(cfg: TrainConfig, inputs: ItemInputs, device: torch.device) -> SequentialRecommender:
     """The method's item encoder plus SASRec, initialised from cfg.seed (cfg already resolved)."""
     torch.manual_seed(cfg.seed)
@@ -403,10 +413,8 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
     if (target / RESULT_FILE).exists():
         return RunResult(target, read_result(target), skipped=True)
     cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
-    inputs.total_steps = planned_steps(cfg, split.train.n_batches(cfg.batch_size))   # as fit planned it
     dev = pick_device(device)
-    model = build_model(cfg, inputs, dev)
-    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=dev, weights_only=True))
+    model = load_best(run_dir, cfg, split, inputs, dev)
     valid = mean_metrics(evaluate_examples(model, split.valid, cfg, dev))
     test = evaluate_examples(model, split.test, cfg, dev)
     test_mean = mean_metrics(test)
