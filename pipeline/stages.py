@@ -144,13 +144,14 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
                          f"{data.path / 'items.parquet'}")
     if not history:
         raise StageError("the history is empty: give at least one item id")
-    seen = [index[item] for item in history][-cfg.max_len:]
+    every = [index[item] for item in history]
+    seen = every[-cfg.max_len:]                               # what the model reads
     batch = Batch(torch.tensor([seen]), torch.tensor([len(seen)]), torch.tensor([0]), torch.tensor([0]))
     with torch.no_grad():
         vectors = model.item_vectors()
         scores = (model.predict(batch, vectors) @ torch.nn.functional.normalize(vectors, dim=-1).T)[0]
     if exclude_history:
-        scores[torch.tensor(seen)] = float("-inf")
+        scores[torch.tensor(every)] = float("-inf")             # the whole history, as evaluation does
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     texts = ids["text"].to_list()
     item_ids = ids["item_id"].to_list()

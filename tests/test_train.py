@@ -58,6 +58,9 @@ def test_leave_one_out_by_hand():
     assert valid.targets.tolist() == [8, 2] and valid.history.tolist() == [[6, 7], [1, 0]]
     test = split.test.batch(np.arange(2))
     assert test.targets.tolist() == [9, 3] and test.history.tolist() == [[7, 8], [1, 2]]   # cut to max_len
+    # the candidates MoRec's protocol removes: the whole history, not only the max_len items the model reads
+    assert [h.tolist() for h in split.test.histories()] == [[5, 6, 7, 8], [1, 2]]
+    assert split.test.targets().tolist() == [9, 3]
 
 
 def test_leave_one_out_rejects_short_users():

@@ -73,9 +73,10 @@ class Examples:
         return self.items[self.offsets[self.users] + self.positions]
 
     def histories(self) -> list[np.ndarray]:
-        """Each example's history as an array (for MoRec-style exclusion of seen items)."""
-        starts = self.offsets[self.users] + self.positions - self.lengths
-        return [self.items[s:s + n] for s, n in zip(starts, self.lengths, strict=True)]
+        """Each example's whole history, every item before its target, as an array: what MoRec-style evaluation
+        excludes from the candidates. Longer than the model's input (the last ``max_len``) for long histories."""
+        starts = self.offsets[self.users]
+        return [self.items[s:s + n] for s, n in zip(starts, self.positions, strict=True)]
 
     def shard(self, rank: int, world: int) -> Examples:
         """Rank RANK's contiguous share of the examples among WORLD ranks (``np.array_split`` layout)."""
