@@ -116,7 +116,7 @@ def load_run(run_id: str):
     return model.eval(), data, cfg
 
 
-def run_retest(run_id: str, exclude_history: bool, device: str = "cpu") -> RunResult:
+def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrite: bool = False) -> RunResult:
     """Re-evaluate a finished run's best checkpoint under the other candidate protocol (``train.loop.retest``)
     and record it in the results store."""
     from train.loop import load_config, retest
@@ -125,7 +125,8 @@ def run_retest(run_id: str, exclude_history: bool, device: str = "cpu") -> RunRe
     cfg = load_config(run_dir)
     data = load(cfg.dataset)
     return retest(run_dir, _split_of(cfg, data), item_inputs(cfg, data), exclude_history,
-                  results_path=results_path(), device=device, record={"git_commit": git_commit()})
+                  results_path=results_path(), device=device, record={"git_commit": git_commit()},
+                  overwrite=overwrite)
 
 
 def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: bool = True) -> list[dict]:

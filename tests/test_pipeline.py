@@ -139,6 +139,11 @@ def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_
     (retested_dir / "result.json").write_text("{")
     damaged = CliRunner().invoke(app, ["retest", "source", other, "--no-progress"])
     assert damaged.exit_code == 1 and f"{retested_dir / 'result.json'}: line 1" in damaged.output
+    repaired = CliRunner().invoke(app, ["retest", "source", other, "--overwrite", "--no-progress"])
+    assert repaired.exit_code == 0 and "done before" not in repaired.output, repaired.output
+    assert json.loads((retested_dir / "result.json").read_text())["test_N@10"] == native["test_N@10"]
+    rows = pl.read_parquet(workspace.home() / "results.parquet").filter(pl.col("run_id") == retested_dir.name)
+    assert rows.height == 1 and rows["test_N@10"][0] == native["test_N@10"]
     short = "exclude" if other == "--exclude-history" else "keep"
     shown = CliRunner().invoke(app, ["eval", "--dataset", "toy", "--history", short])
     assert shown.exit_code == 0 and "epoch chosen under" in shown.output

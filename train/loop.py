@@ -387,7 +387,8 @@ def load_config(run_dir: Path) -> TrainConfig:
 
 
 def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: bool, *,
-           results_path: Path | None = None, device: str = "cpu", record: dict[str, Any] | None = None) -> RunResult:
+           results_path: Path | None = None, device: str = "cpu", record: dict[str, Any] | None = None,
+           overwrite: bool = False) -> RunResult:
     """Evaluate a finished run's best checkpoint again under the other candidate protocol, without training.
 
     Validation and test metrics are recomputed with history items excluded from the candidates (MoRec) or kept
@@ -395,7 +396,9 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
     result.json) and a results row of its own, whose hparams carry the new protocol and ``epoch_chosen_under``:
     the best epoch was chosen by the validation R@10 of the protocol the run trained with, so these rows never
     pool with runs trained under the new protocol. The training figures (epochs, seconds per epoch, peak memory)
-    are the source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``).
+    are the source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``) unless
+    ``overwrite``, which evaluates again and replaces the folder's files and the results row (after a change to
+    the evaluator, or to repair a damaged folder).
     """
     if not (run_dir / RESULT_FILE).is_file() or not (run_dir / BEST_FILE).is_file():
         raise RunStateError(f"{run_dir} is not a finished run (result.json and best.pt are written when training "
@@ -410,7 +413,7 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
         raise RunStateError(f"{run_dir.name} was already evaluated with {protocol(exclude_history)}: its own "
                             "result.json holds those metrics")
     target = run_dir.parent / f"{run_dir.name}.{protocol(exclude_history)}"
-    if (target / RESULT_FILE).exists():
+    if (target / RESULT_FILE).exists() and not overwrite:
         return RunResult(target, read_result(target), skipped=True)
     cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
     dev = pick_device(device)

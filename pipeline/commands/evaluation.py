@@ -118,11 +118,15 @@ def retest_command(
                                          "evaluate under: MoRec's (history items are not candidates) or "
                                          "RecBole's (they are).", show_default=True),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.", show_default=True),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Evaluate runs re-evaluated before again (after a "
+                                   "change to the evaluator, or to repair a damaged folder), replacing their "
+                                   "files and results rows.", show_default=True),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Evaluate finished runs again under the other candidate protocol, without training: their best checkpoint
     is scored on validation and test, and each result is recorded as runs/<run-id>.<protocol>/ and a results
-    row (shown by `ssnarec eval --history exclude|keep`). Runs already re-evaluated are skipped."""
+    row (shown by `ssnarec eval --history exclude|keep`). Runs already re-evaluated are skipped unless
+    --overwrite."""
     from tqdm.auto import tqdm
 
     from evaluate.results import CHOSEN_UNDER
@@ -152,7 +156,7 @@ def retest_command(
     failed = []
     for run_id in tqdm(chosen, desc="retest", unit="run", disable=not progress):
         try:
-            result = run_retest(run_id, exclude_history, device)
+            result = run_retest(run_id, exclude_history, device, overwrite=overwrite)
         except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
             tqdm.write(f"error: {run_id}: {exc}", file=sys.stderr)
             failed.append(run_id)
