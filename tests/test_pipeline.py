@@ -69,6 +69,22 @@ def test_train_eval_recommend(prepared, monkeypatch):
     bad = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 NOPE ALSO-NOPE"])
     assert bad.exit_code == 1 and "NOPE, ALSO-NOPE" in bad.output
 
+    import dataclasses
+
+    import pipeline.stages
+
+    real_load_run = pipeline.stages.load_run
+
+    def reads_one_item(run_id):               # the model reads only the last item; exclusion takes all three
+        model, data, cfg = real_load_run(run_id)
+        return model, data, dataclasses.replace(cfg, max_len=1)
+
+    monkeypatch.setattr(pipeline.stages, "load_run", reads_one_item)
+    every = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 I002 I003", "-k", "30"])
+    assert every.exit_code == 0, every.output
+    shown = every.output.strip().splitlines()
+    assert len(shown) == N_ITEMS - 3 and not any(f" I00{i} " in line for line in shown for i in (1, 2, 3))
+
 
 def test_missing_store_names_the_command(prepared):
     result = train("some-other-llm", "--method", "ssna")
