@@ -3,11 +3,15 @@ train → eval → recommend, and stage two never loading the LLM."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+import pipeline.stages
 from pipeline import workspace
 from pipeline.cli import app
 from pipeline.datasets.canonical import write_dataset
@@ -69,10 +73,6 @@ def test_train_eval_recommend(prepared, monkeypatch):
     bad = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001 NOPE ALSO-NOPE"])
     assert bad.exit_code == 1 and "NOPE, ALSO-NOPE" in bad.output
 
-    import dataclasses
-
-    import pipeline.stages
-
     real_load_run = pipeline.stages.load_run
 
     def reads_one_item(run_id):               # the model reads only the last item; exclusion takes all three
@@ -93,7 +93,6 @@ def test_missing_store_names_the_command(prepared):
 
 
 def test_train_options_reach_the_run_config(prepared):
-    import json
 
     result = train(prepared, "--method", "tmoe", "--run-id", "toy-tuned", "--temperature", "0.1", "--lr", "1e-3",
                    "--weight-decay", "1e-5", "--hidden-dropout", "0.1", "--attn-dropout", "0.2",
@@ -110,7 +109,6 @@ def test_train_options_reach_the_run_config(prepared):
 def test_mean_pooled_store_trains_its_own_runs(prepared):
     """`embed --llm X:mean` writes a second store; `train --llm X:mean` reads it (never the LLM) under its own run
     id, and the paper's tables still give its settings."""
-    import json
 
     mean = f"{prepared}:mean"
     embedded = CliRunner().invoke(app, ["embed", "--dataset", "toy", "--llm", mean, "--no-progress"])
@@ -129,7 +127,6 @@ def test_mean_pooled_store_trains_its_own_runs(prepared):
 def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_with):
     """With one epoch the best epoch is the same whichever protocol chooses it, so re-evaluating a run under the
     other protocol must give exactly the metrics of the same run trained under that one."""
-    import json
 
     other = "--exclude-history" if trained_with == "--keep-history" else "--keep-history"
     one = ["--method", "ssna", "--max-epochs", "1"]
