@@ -93,7 +93,6 @@ def test_missing_store_names_the_command(prepared):
 
 
 def test_train_options_reach_the_run_config(prepared):
-
     result = train(prepared, "--method", "tmoe", "--run-id", "toy-tuned", "--temperature", "0.1", "--lr", "1e-3",
                    "--weight-decay", "1e-5", "--hidden-dropout", "0.1", "--attn-dropout", "0.2",
                    "--adapter-dropout", "0.3")
@@ -109,7 +108,6 @@ def test_train_options_reach_the_run_config(prepared):
 def test_mean_pooled_store_trains_its_own_runs(prepared):
     """`embed --llm X:mean` writes a second store; `train --llm X:mean` reads it (never the LLM) under its own run
     id, and the paper's tables still give its settings."""
-
     mean = f"{prepared}:mean"
     embedded = CliRunner().invoke(app, ["embed", "--dataset", "toy", "--llm", mean, "--no-progress"])
     assert embedded.exit_code == 0, embedded.output
@@ -127,7 +125,6 @@ def test_mean_pooled_store_trains_its_own_runs(prepared):
 def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_with):
     """With one epoch the best epoch is the same whichever protocol chooses it, so re-evaluating a run under the
     other protocol must give exactly the metrics of the same run trained under that one."""
-
     other = "--exclude-history" if trained_with == "--keep-history" else "--keep-history"
     one = ["--method", "ssna", "--max-epochs", "1"]
     assert train(prepared, *one, trained_with, "--run-id", "source").exit_code == 0
