@@ -12,8 +12,10 @@ Ties. ``ties="pessimistic"`` (default) counts every other item scoring >= the ta
 above it, so rank = 1 + #{i != target : s_i >= s_target}. A constant scorer therefore gets rank N for every
 user and no free hits (an evaluator that counts only strictly greater scores gives a constant scorer R@k = 1).
 ``ties="expected"`` uses the expected rank under a uniformly random order of the tied items,
-1 + #greater + #ties / 2 (fractional). ``ties="index"`` breaks ties by item index (lower index first), which
-reproduces evaluators built on a stable sort or ``torch.topk``; it is only meant for comparing with them.
+1 + #greater + #ties / 2 (fractional): the closest model of evaluators built on ``torch.topk`` (RecBole's), whose
+order among tied items is unspecified (on CPU it follows no item order). ``ties="index"`` breaks ties by item
+index (lower index first), which reproduces evaluators built on a stable sort; it is only meant for comparing
+with them.
 
 Ranks are computed by counting, not sorting: O(N) per user in a few vectorised passes, exact at any k.
 """
@@ -28,8 +30,9 @@ from tqdm.auto import tqdm
 
 from evaluate import METRIC_NAMES
 
-__all__ = ["METRIC_NAMES", "TIE_MODES", "full_ranking", "mean_metrics", "metric_names", "target_ranks", "topk_metrics"]
+__all__ = ["DEFAULT_TIES", "METRIC_NAMES", "TIE_MODES", "full_ranking", "mean_metrics", "metric_names", "target_ranks", "topk_metrics"]
 TIE_MODES: tuple[str, ...] = ("pessimistic", "expected", "index")
+DEFAULT_TIES = "pessimistic"
 
 
 def metric_names(ks: Sequence[int] = (10, 50)) -> tuple[str, ...]:

@@ -29,21 +29,25 @@ def train_part_counts(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarr
 
 
 def popularity(counts: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray], *,
-               exclude_history: bool = False, batch_size: int = 4096) -> dict[str, np.ndarray]:
-    """Per-user metrics of ranking every item by ``counts`` (one score per item)."""
+               exclude_history: bool = False, ties: str = "pessimistic", batch_size: int = 4096
+               ) -> dict[str, np.ndarray]:
+    """Per-user metrics of ranking every item by ``counts`` (one score per item); ``ties`` as in
+    ``evaluate.metrics`` (items of equal count tie)."""
     users = torch.ones(len(targets), 1)
     items = torch.as_tensor(np.asarray(counts, dtype=np.float32))[:, None]
     return full_ranking(users, items, torch.as_tensor(targets), histories=histories if exclude_history else None,
-                        exclude_history=exclude_history, batch_size=batch_size)
+                        exclude_history=exclude_history, ties=ties, batch_size=batch_size)
 
 
 def last_item_neighbour(vectors: torch.Tensor | np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray], *,
-                        exclude_history: bool = False, batch_size: int = 4096) -> dict[str, np.ndarray]:
+                        exclude_history: bool = False, ties: str = "pessimistic", batch_size: int = 4096
+                        ) -> dict[str, np.ndarray]:
     """Per-user metrics of ranking every item by its cosine with the last item of the user's history, on
-    ``vectors [n_items, dim]`` (e.g. one stored LLM layer)."""
+    ``vectors [n_items, dim]`` (e.g. one stored LLM layer); ``ties`` as in ``evaluate.metrics`` (items with
+    identical vectors tie)."""
     if any(len(h) == 0 for h in histories):
         raise ValueError("every history needs at least one item for the last-item neighbour")
     unit = F.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=-1)
     last = torch.as_tensor(np.fromiter((h[-1] for h in histories), dtype=np.int64, count=len(histories)))
     return full_ranking(unit[last], unit, torch.as_tensor(targets), histories=histories if exclude_history else None,
-                        exclude_history=exclude_history, batch_size=batch_size)
+                        exclude_history=exclude_history, ties=ties, batch_size=batch_size)

@@ -69,6 +69,13 @@ HISTORY_LABELS: dict[str, str] = {
     "exclude": "items already in the history are not candidates (MoRec's convention)",
 }
 DEFAULT_HISTORY = "keep"
+# Tie rules (the ``ties`` hparam, evaluate.metrics.TIE_MODES); a table holds runs ranked under one of them only.
+TIES_LABELS: dict[str, str] = {
+    "pessimistic": "a tie counts against the target (rank = 1 + the items scoring at least as high)",
+    "expected": "a tie takes the expected rank of a random order among the tied items (mid-rank)",
+    "index": "ties broken by item index, lower first (as evaluators built on a stable sort)",
+}
+DEFAULT_TIES = "pessimistic"
 PerUserLoader = Callable[[Path], pl.DataFrame]
 
 
@@ -508,6 +515,17 @@ def run_history(hparams_json: str | None) -> str:
     return "exclude" if hparam(hparams_json, "exclude_history") else "keep"
 
 
+def check_ties(ties: str) -> str:
+    if ties not in TIES_LABELS:
+        raise ValueError(f"unknown tie rule {ties!r}; use one of {', '.join(TIES_LABELS)}")
+    return ties
+
+
+def run_ties(hparams_json: str | None) -> str:
+    """A run's tie rule (its ``ties`` hparam; runs recorded without the setting counted ties against the target)."""
+    return str(hparam(hparams_json, "ties") or DEFAULT_TIES)
+
+
 def run_item_ids(hparams_json: str | None) -> bool:
     """Whether a run's items carried a learned ID embedding (its ``item_ids`` hparam; False when absent)."""
     return bool(hparam(hparams_json, "item_ids"))
@@ -515,10 +533,14 @@ def run_item_ids(hparams_json: str | None) -> bool:
 
 def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: Sequence[str] | None,
                    loss: str | None = DEFAULT_LOSS, item_ids: bool | None = False,
-                   history: str | None = DEFAULT_HISTORY) -> pl.DataFrame:
+                   history: str | None = DEFAULT_HISTORY, ties: str | None = DEFAULT_TIES) -> pl.DataFrame:
     """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss``, with or
-    without item ID embeddings as ``item_ids`` says, and evaluated under the candidate protocol ``history``
-    (each: any when None)."""
+    without item ID embeddings as ``item_ids`` says, and evaluated under the candidate protocol ``history`` and
+    the tie rule ``ties`` (each: any when None)."""
+    if ties is not None:
+        check_ties(ties)
+        if not results.is_empty():
+            results = results.filter(pl.col("hparams").map_elements(run_ties, return_dtype=pl.String) == ties)
     if history is not None:
         check_history(history)
         if not results.is_empty():
@@ -538,10 +560,10 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
 
 def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None, llms: Sequence[str] | None = None,
                  loss: str = DEFAULT_LOSS, item_ids: bool = False, history: str = DEFAULT_HISTORY,
-                 per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
-    """All tables that the runs trained with ``loss`` (and ``item_ids``) and evaluated under ``history``
-    support, filtered to ``datasets`` / ``llms`` when given."""
-    results = filter_results(results, datasets, llms, loss, item_ids, history)
+                 ties: str = DEFAULT_TIES, per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
+    """All tables that the runs trained with ``loss`` (and ``item_ids``) and evaluated under ``history`` and
+    ``ties`` support, filtered to ``datasets`` / ``llms`` when given."""
+    results = filter_results(results, datasets, llms, loss, item_ids, history, ties)
     summary = summarise(results)
     if summary.is_empty():
         return []
@@ -552,6 +574,8 @@ def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None
     for table in tables:
         table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}; items: {items}.")
         table.notes.append(f"Candidates: every item; {HISTORY_LABELS[history]}.")
+        if ties != DEFAULT_TIES:
+            table.notes.append(f"Ties: {TIES_LABELS[ties]}.")
         if retested:
             table.notes.append(f"Some configurations were trained under the other protocol and re-evaluated "
                                f"(`ssnarec retest`, hparam {CHOSEN_UNDER}): their best epoch was chosen by that "

@@ -116,15 +116,16 @@ def load_run(run_id: str):
     return model.eval(), data, cfg
 
 
-def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrite: bool = False) -> RunResult:
-    """Re-evaluate a finished run's best checkpoint under the other candidate protocol (``train.loop.retest``)
-    and record it in the results store."""
+def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrite: bool = False,
+               ties: str = "pessimistic") -> RunResult:
+    """Re-evaluate a finished run's best checkpoint under another protocol, candidates and tie rule
+    (``train.loop.retest``), and record it in the results store."""
     from train.loop import load_config, retest
 
     run_dir = _run_dir(run_id, RESULT_FILE)
     cfg = load_config(run_dir)
     data = load(cfg.dataset)
-    return retest(run_dir, _split_of(cfg, data), item_inputs(cfg, data), exclude_history,
+    return retest(run_dir, _split_of(cfg, data), item_inputs(cfg, data), exclude_history, ties=ties,
                   results_path=results_path(), device=device, record={"git_commit": git_commit()},
                   overwrite=overwrite)
 
@@ -161,9 +162,10 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
 
 
 def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_history: bool = False,
-                     split: str = "test") -> list[dict]:
+                     split: str = "test", ties: str = "pessimistic") -> list[dict]:
     """Popularity and (with LLM) the nearest neighbour of the last item on the store's layer ``layer`` (0 = top)
-    over the leave-one-out ``split`` (test or valid): one row each, name plus mean R@10 … N@50."""
+    over the leave-one-out ``split`` (test or valid), ties ranked by the rule ``ties``: one row each, name plus
+    mean R@10 … N@50."""
     from evaluate import METRIC_NAMES
     from evaluate.references import last_item_neighbour, popularity, train_part_counts
 
@@ -174,12 +176,13 @@ def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_hist
     targets, histories = examples.targets(), examples.histories()
     counts = train_part_counts(data.sequences, data.n_items)
     rows = [("popularity (training-part counts)", popularity(counts, targets, histories,
-                                                              exclude_history=exclude_history))]
+                                                              exclude_history=exclude_history, ties=ties))]
     if llm:
         store = dataset_store(data, llm)
         if not 0 <= layer < store.n_layers:
             raise StageError(f"layer {layer} is not in the store: it holds layers 0 (top) to {store.n_layers - 1}")
         vectors = np.asarray(store.top_layers(layer + 1)[:, layer], dtype=np.float32)
         name = f"nearest neighbour of the last item ({llm}, layer {'top' if layer == 0 else f'top − {layer}'})"
-        rows.append((name, last_item_neighbour(vectors, targets, histories, exclude_history=exclude_history)))
+        rows.append((name, last_item_neighbour(vectors, targets, histories, exclude_history=exclude_history,
+                                                      ties=ties)))
     return [{"reference": name, **{m: float(np.mean(per_user[m])) for m in METRIC_NAMES}} for name, per_user in rows]

@@ -24,9 +24,19 @@ TINY = ["--a", "2", "--batch-size", "16", "--max-epochs", "2", "--threads", "1",
 @pytest.fixture
 def prepared(home, tmp_path):
     """A canonical dataset 'toy' and a stage-one store of it from a tiny BERT."""
+    return make_toy(tmp_path, [f"item number {i} of kind {i % 4}" for i in range(N_ITEMS)])
+
+
+@pytest.fixture
+def twins(home, tmp_path):
+    """Like ``prepared``, but items 2j and 2j + 1 share one text, so their scores tie exactly."""
+    return make_toy(tmp_path, [f"item number {i // 2} of kind {i // 2 % 4}" for i in range(N_ITEMS)])
+
+
+def make_toy(tmp_path, texts):
     rng = np.random.default_rng(0)
     items = pl.DataFrame({"item_idx": np.arange(N_ITEMS), "item_id": [f"I{i:03d}" for i in range(N_ITEMS)],
-                          "text": [f"item number {i} of kind {i % 4}" for i in range(N_ITEMS)]})
+                          "text": texts})
     sequences = [((rng.integers(N_ITEMS) + np.arange(rng.integers(4, 9))) % N_ITEMS).astype(np.int32)
                  for _ in range(40)]
     write_dataset(workspace.data_dir() / "toy", items, sequences, [f"U{u}" for u in range(40)], {"source": "test"})
@@ -161,6 +171,36 @@ def test_retest_equals_a_run_trained_under_the_other_protocol(prepared, trained_
     assert wrong.exit_code == 2 and "keep, exclude" in wrong.output
 
 
+def test_retest_ranks_ties_by_the_rule_asked(twins):
+    """Re-ranking a run under another tie rule gives the metrics of the same run trained under that rule; with
+    every item tied to its twin the rules must differ, and `eval --ties` tables each apart."""
+    one = ["--method", "tmoe", "--max-epochs", "1"]
+    assert train(twins, *one, "--run-id", "source").exit_code == 0
+    assert train(twins, *one, "--ties", "expected", "--run-id", "native").exit_code == 0
+    result = CliRunner().invoke(app, ["retest", "source", "--keep-history", "--ties", "expected", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    retested, native, source = (json.loads((workspace.runs_dir() / name / "result.json").read_text())
+                                for name in ("source.keep_history.ties_expected", "native", "source"))
+    assert source["test_N@10"] < native["test_N@10"], "twins tie: counting ties against the target must cost"
+    for m in ("R@10", "R@50", "N@10", "N@50"):
+        assert retested[f"test_{m}"] == native[f"test_{m}"] and retested[f"valid_{m}"] == native[f"valid_{m}"]
+    hparams = json.loads(retested["hparams"])
+    assert hparams["ties"] == "expected" and hparams["epoch_chosen_under"] == "keep_history"
+    both = CliRunner().invoke(app, ["retest", "source", "--ties", "expected", "--no-progress"])
+    assert both.exit_code == 0 and "source.exclude_history.ties_expected" in both.output, both.output
+    same = CliRunner().invoke(app, ["retest", "native", "--keep-history", "--ties", "expected", "--no-progress"])
+    assert same.exit_code == 1 and "native" in same.output
+    tables = {rule: CliRunner().invoke(app, ["eval", "--dataset", "toy", "--ties", rule])
+              for rule in ("pessimistic", "expected")}
+    assert all(t.exit_code == 0 for t in tables.values())
+    assert "mid-rank" in tables["expected"].output and "mid-rank" not in tables["pessimistic"].output
+    assert f"{source['test_R@50']:.4f}" in tables["pessimistic"].output
+    wrong = CliRunner().invoke(app, ["eval", "--ties", "optimistic"])
+    assert wrong.exit_code == 2 and "pessimistic, expected, index" in wrong.output
+    bad = train(twins, *one, "--ties", "optimistic")
+    assert bad.exit_code == 1 and "--ties" in bad.output
+
+
 def test_adalora_run_reloads_for_retest_and_recommend(prepared):
     """AdaLoRA's rank schedule needs the run's planned steps even to rebuild the model from its checkpoint."""
     trained = train(prepared, "--method", "adalora", "--max-steps", "2", "--batch-size", "8", "--grad-accum", "1",
@@ -181,6 +221,18 @@ def test_references_command(prepared):
     assert missing.exit_code == 1 and "make embeddings DATASET=toy LLM=other-llm" in missing.output
     deep = CliRunner().invoke(app, ["references", "--dataset", "toy", "--llm", str(prepared), "--layer", "99"])
     assert deep.exit_code == 1 and "layer 99" in deep.output
+
+
+def test_references_rank_ties_by_the_rule_asked(twins):
+    """Every target ties its twin under the neighbour, and items of equal count tie on popularity: the expected
+    rank puts a tied target higher than the pessimistic rule, so N@50 (every rank counts) must rise."""
+    shown = {rule: CliRunner().invoke(app, ["references", "--dataset", "toy", "--llm", str(twins), "--ties", rule])
+             for rule in ("pessimistic", "expected")}
+    assert all(r.exit_code == 0 and "ties" in r.output for r in shown.values()), shown
+    rows = {rule: [[float(v) for v in line.strip("| ").split(" | ")[1:]] for line in r.output.splitlines()
+                   if line.startswith("| popularity") or "neighbour" in line] for rule, r in shown.items()}
+    for low, high in zip(rows["pessimistic"], rows["expected"], strict=True):
+        assert low[3] < high[3] and low[1] <= high[1]
 
 
 def test_interrupted_run_needs_resume(prepared):

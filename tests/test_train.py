@@ -347,6 +347,6 @@ def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
     assert cfg.run_key() == f"sci_minilm_adalora_s0_{digest}"
     assert not set(ADDED_LATER) & set(cfg.hparams())
-    for name, value in (("adalora_epochs", 80), ("item_ids", True)):
+    for name, value in (("adalora_epochs", 80), ("item_ids", True), ("ties", "expected")):
         changed = replace(cfg, **{name: value})
         assert changed.run_key() != cfg.run_key() and changed.hparams()[name] == value

@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from evaluate.metrics import METRIC_NAMES, full_ranking, mean_metrics
+from evaluate.metrics import DEFAULT_TIES, METRIC_NAMES, TIE_MODES, full_ranking, mean_metrics
 from evaluate.results import (
     CHOSEN_UNDER,
     CONFIG_FILE,
@@ -93,6 +93,9 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
         if not low <= values[key] < high:
             raise ValueError(f"{key} = {values[key]} is out of range: it must be in [{low}, {high}). Fix: pass "
                              f"--{key.replace('_', '-')} within that range.")
+    if values["ties"] not in TIE_MODES:
+        raise ValueError(f"ties = {values['ties']!r} is not a tie rule. Fix: pass --ties with one of "
+                         f"{', '.join(TIE_MODES)}.")
     defaults = TrainConfig().to_dict()
     for key, methods in APPLIES_TO.items():
         if cfg.method not in methods:
@@ -165,7 +168,7 @@ def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: Tra
     targets = torch.from_numpy(examples.targets())
     per_user = full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
                             histories=examples.histories() if cfg.exclude_history else None,
-                            exclude_history=cfg.exclude_history, batch_size=cfg.eval_batch_size)
+                            exclude_history=cfg.exclude_history, ties=cfg.ties, batch_size=cfg.eval_batch_size)
     if world == 1:
         return per_user
     names = list(per_user)
@@ -374,9 +377,11 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
     return RunResult(run_dir, row, resumed_from=start)
 
 
-def protocol(exclude_history: bool) -> str:
-    """The candidate protocol's name: ``exclude_history`` (MoRec's) or ``keep_history`` (RecBole's)."""
-    return "exclude_history" if exclude_history else "keep_history"
+def protocol(exclude_history: bool, ties: str = DEFAULT_TIES) -> str:
+    """The evaluation protocol's name: the candidates, ``exclude_history`` (MoRec's) or ``keep_history``
+    (RecBole's), then ``.ties_<rule>`` when ties are not counted against the target (the default rule)."""
+    name = "exclude_history" if exclude_history else "keep_history"
+    return name if ties == DEFAULT_TIES else f"{name}.ties_{ties}"
 
 
 def load_config(run_dir: Path) -> TrainConfig:
@@ -386,20 +391,23 @@ def load_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 
-def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: bool, *,
+def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: bool, *, ties: str = DEFAULT_TIES,
            results_path: Path | None = None, device: str = "cpu", record: dict[str, Any] | None = None,
            overwrite: bool = False) -> RunResult:
-    """Evaluate a finished run's best checkpoint again under the other candidate protocol, without training.
+    """Evaluate a finished run's best checkpoint again under another protocol, without training.
 
     Validation and test metrics are recomputed with history items excluded from the candidates (MoRec) or kept
-    (RecBole). The result goes to a sibling folder ``<run_id>.<protocol>/`` (config.json, test_per_user.parquet,
-    result.json) and a results row of its own, whose hparams carry the new protocol and ``epoch_chosen_under``:
-    the best epoch was chosen by the validation R@10 of the protocol the run trained with, so these rows never
-    pool with runs trained under the new protocol. The training figures (epochs, seconds per epoch, peak memory)
-    are the source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``) unless
+    (RecBole), and ties ranked by the rule ``ties`` (``evaluate.metrics``). The result goes to a sibling folder
+    ``<run_id>.<protocol>/`` (config.json, test_per_user.parquet, result.json; ``protocol`` names both) and a
+    results row of its own, whose hparams carry the new protocol and ``epoch_chosen_under``: the best epoch was
+    chosen by the validation R@10 of the protocol the run trained with, so these rows never pool with runs
+    trained under the new protocol. The training figures (epochs, seconds per epoch, peak memory) are the
+    source run's. Idempotent: a folder with a result.json is returned as it is (``skipped``) unless
     ``overwrite``, which evaluates again and replaces the folder's files and the results row (after a change to
     the evaluator, or to repair a damaged folder).
     """
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties = {ties!r} is not a tie rule; use one of {', '.join(TIE_MODES)}")
     if not (run_dir / RESULT_FILE).is_file() or not (run_dir / BEST_FILE).is_file():
         raise RunStateError(f"{run_dir} is not a finished run (result.json and best.pt are written when training "
                             "ends); finish it with `ssnarec train ... --resume` first")
@@ -409,20 +417,22 @@ def retest(run_dir: Path, split: Split, inputs: ItemInputs, exclude_history: boo
         raise RunStateError(f"{run_dir} is itself a re-evaluation (its config.json names the run under retest_of); "
                             "retest that run instead")
     cfg = load_config(run_dir)
-    if cfg.exclude_history == exclude_history:
-        raise RunStateError(f"{run_dir.name} was already evaluated with {protocol(exclude_history)}: its own "
-                            "result.json holds those metrics")
-    target = run_dir.parent / f"{run_dir.name}.{protocol(exclude_history)}"
+    chosen_under, wanted = protocol(cfg.exclude_history, cfg.ties), protocol(exclude_history, ties)
+    if chosen_under == wanted:
+        raise RunStateError(f"{run_dir.name} was already evaluated with {wanted}: its own result.json holds those "
+                            "metrics")
+    target = run_dir.parent / f"{run_dir.name}.{wanted}"
     if (target / RESULT_FILE).exists() and not overwrite:
         return RunResult(target, read_result(target), skipped=True)
-    cfg = dataclasses.replace(cfg, exclude_history=exclude_history, device=device)
+    cfg = dataclasses.replace(cfg, exclude_history=exclude_history, ties=ties, device=device)
     dev = pick_device(device)
     model = load_best(run_dir, cfg, split, inputs, dev)
     valid = mean_metrics(evaluate_examples(model, split.valid, cfg, dev))
     test = evaluate_examples(model, split.test, cfg, dev)
     test_mean = mean_metrics(test)
-    chosen_under = protocol(not exclude_history)
-    hparams.update(exclude_history=exclude_history, **{CHOSEN_UNDER: chosen_under})
+    hparams.update(exclude_history=exclude_history, ties=ties, **{CHOSEN_UNDER: chosen_under})
+    if ties == DEFAULT_TIES:
+        del hparams["ties"]  # as TrainConfig.hparams() records it (a setting added later, at its old value)
     target.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**cfg.to_dict(), "retest_of": run_dir.name, CHOSEN_UNDER: chosen_under},
                       target / CONFIG_FILE)

@@ -25,6 +25,9 @@ LOSS_HELP = ("Only runs trained with this loss: inbatch (the paper's Eq. 8) or f
 HISTORY_HELP = ("Only runs evaluated under this candidate protocol: keep (history items stay candidates, RecBole's "
                 "convention) or exclude (MoRec's; `train --exclude-history`, or `ssnarec retest`); the two never "
                 "share a table.")
+TIES_HELP = ("Only runs ranked under this tie rule: pessimistic (a tie counts against the target), expected "
+             "(mid-rank of a random order among the tied items) or index (lower item index first); `ssnarec "
+             "retest --ties` re-ranks finished runs. The rules never share a table.")
 ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
                  "runs (the paper's); the two never share a table.")
 
@@ -45,12 +48,13 @@ def _load(value: str) -> tuple[Path, pl.DataFrame]:
         raise typer.Exit(code=1) from err
 
 
-def _check_filters(loss: str, history: str) -> None:
-    """Exit 2 with evaluate's message when --loss names no training loss or --history no candidate protocol
-    (before any table is built)."""
-    from evaluate.tables import check_history, check_loss
+def _check_filters(loss: str, history: str, ties: str) -> None:
+    """Exit 2 with evaluate's message when --loss names no training loss, --history no candidate protocol or
+    --ties no tie rule (before any table is built)."""
+    from evaluate.tables import check_history, check_loss, check_ties
 
-    for flag, check, value in (("--loss", check_loss, loss), ("--history", check_history, history)):
+    for flag, check, value in (("--loss", check_loss, loss), ("--history", check_history, history),
+                               ("--ties", check_ties, ties)):
         try:
             check(value)
         except ValueError as err:
@@ -71,15 +75,16 @@ def eval_command(
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
     history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
+    ties: str = typer.Option("pessimistic", "--ties", help=TIES_HELP, show_default=True),
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
     from evaluate.tables import build_tables, render_markdown, render_text, write_tables
 
     path, frame = _load(results)
-    _check_filters(loss, history)
+    _check_filters(loss, history, ties)
     tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss, item_ids=item_ids,
-                          history=history)
+                          history=history, ties=ties)
     if not tables:
         typer.echo(f"No finished runs in {path}" + (" for that filter" if frame.height else "")
                    + "; train some first, e.g. `make train METHOD=ssna DATASET=sci LLM=minilm`.")
@@ -97,14 +102,15 @@ def report_command(
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
     history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
+    ties: str = typer.Option("pessimistic", "--ties", help=TIES_HELP, show_default=True),
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
 
     path, frame = _load(results)
-    _check_filters(loss, history)
+    _check_filters(loss, history, ties)
     report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset), llms=_split(llm), loss=loss,
-                          item_ids=item_ids, history=history, source=str(path))
+                          item_ids=item_ids, history=history, ties=ties, source=str(path))
     typer.echo(str(report))
 
 
@@ -117,36 +123,44 @@ def retest_command(
     exclude_history: bool = typer.Option(True, "--exclude-history/--keep-history", help="The protocol to "
                                          "evaluate under: MoRec's (history items are not candidates) or "
                                          "RecBole's (they are).", show_default=True),
+    ties: str = typer.Option("pessimistic", "--ties", help="The tie rule to rank under: pessimistic (a tie "
+                             "counts against the target), expected (mid-rank) or index (lower item index first).",
+                             show_default=True),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.", show_default=True),
     overwrite: bool = typer.Option(False, "--overwrite", help="Evaluate runs re-evaluated before again (after a "
                                    "change to the evaluator, or to repair a damaged folder), replacing their "
                                    "files and results rows.", show_default=True),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Evaluate finished runs again under the other candidate protocol, without training: their best checkpoint
-    is scored on validation and test, and each result is recorded as runs/<run-id>.<protocol>/ and a results
-    row (shown by `ssnarec eval --history exclude|keep`). Runs already re-evaluated are skipped unless
-    --overwrite."""
+    """Evaluate finished runs again under another protocol (candidates, tie rule), without training: their best
+    checkpoint is scored on validation and test, and each result is recorded as runs/<run-id>.<protocol>/ and a
+    results row (shown by `ssnarec eval --history exclude|keep --ties RULE`). Runs already re-evaluated are
+    skipped unless --overwrite."""
     from tqdm.auto import tqdm
 
     from evaluate.results import CHOSEN_UNDER
-    from evaluate.tables import filter_results, hparam
+    from evaluate.tables import check_ties, filter_results, hparam, run_history, run_ties
     from pipeline.datasets import DatasetError
     from pipeline.stages import StageError, run_retest
     from train.loop import RunStateError
 
+    try:
+        check_ties(ties)
+    except ValueError as err:
+        typer.echo(f"error: --ties: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    wanted = ("exclude" if exclude_history else "keep", ties)
     _, frame = _load("")
-    frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None,
-                           history="keep" if exclude_history else "exclude")
+    frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None, history=None, ties=None)
     if method:
         frame = frame.filter(frame["method"].is_in(_split(method)))
-    frame = frame.filter(frame["hparams"].map_elements(lambda h: hparam(h, CHOSEN_UNDER) is None,
-                                                       return_dtype=bool))
+    frame = frame.filter(frame["hparams"].map_elements(
+        lambda h: hparam(h, CHOSEN_UNDER) is None and (run_history(h), run_ties(h)) != wanted, return_dtype=bool))
     chosen = frame["run_id"].to_list()
     if runs:
         unknown = [r for r in runs if r not in chosen]
         if unknown:
-            typer.echo(f"error: not finished runs evaluated under the other protocol (matching the filters): "
+            typer.echo(f"error: not finished runs evaluated under another protocol (matching the filters): "
                        f"{', '.join(unknown)}. `ssnarec eval` lists the finished runs.", err=True)
             raise typer.Exit(code=1)
         chosen = list(runs)
@@ -156,7 +170,7 @@ def retest_command(
     failed = []
     for run_id in tqdm(chosen, desc="retest", unit="run", disable=not progress):
         try:
-            result = run_retest(run_id, exclude_history, device, overwrite=overwrite)
+            result = run_retest(run_id, exclude_history, device, overwrite=overwrite, ties=ties)
         except (DatasetError, StageError, RunStateError, KeyError, ValueError) as exc:
             tqdm.write(f"error: {run_id}: {exc}", file=sys.stderr)
             failed.append(run_id)
@@ -179,6 +193,8 @@ def references_command(
     exclude_history: bool = typer.Option(False, "--exclude-history/--keep-history", help="MoRec's protocol "
                                          "(history items are not candidates) or RecBole's.", show_default=True),
     split: str = typer.Option("test", "--split", help="test or valid.", show_default=True),
+    ties: str = typer.Option("pessimistic", "--ties", help="Tie rule: pessimistic (a tie counts against the "
+                             "target), expected (mid-rank) or index (lower item index first).", show_default=True),
 ) -> None:
     """Training-free reference points on the runs' split and protocol: item popularity and the nearest
     neighbour of the last item (a trained text model that does not clearly beat the latter has a bug)."""
@@ -187,12 +203,12 @@ def references_command(
     from pipeline.stages import StageError, reference_points
 
     try:
-        rows = reference_points(dataset, llm or None, layer, exclude_history, split)
-    except (DatasetError, StageError) as exc:
+        rows = reference_points(dataset, llm or None, layer, exclude_history, split, ties)
+    except (DatasetError, StageError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     protocol = "history excluded (MoRec)" if exclude_history else "history kept (RecBole)"
-    typer.echo(f"{dataset}, {split} split, full ranking, {protocol}")
+    typer.echo(f"{dataset}, {split} split, full ranking, {protocol}, ties {ties}")
     typer.echo(f"| reference | {' | '.join(METRIC_NAMES)} |\n|---|{'---:|' * len(METRIC_NAMES)}")
     for row in rows:
         typer.echo(f"| {row['reference']} | {' | '.join(f'{row[m]:.4f}' for m in METRIC_NAMES)} |")

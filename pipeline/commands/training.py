@@ -53,6 +53,8 @@ def train_cmd(
                                 "similar length together."),
     exclude_history: bool = typer.Option(_DEFAULTS.exclude_history, "--exclude-history/--keep-history",
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
+    ties: str = typer.Option(_DEFAULTS.ties, "--ties", help="Tied scores in ranking: pessimistic (a tie counts "
+                             "against the target), expected (mid-rank) or index (lower item index first)."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
     threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
@@ -79,7 +81,7 @@ def train_cmd(
                       temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
                       adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                       limit_users=limit_users, seed=seed, bucket_by_length=bucket, exclude_history=exclude_history,
-                      device=device, autocast=autocast, threads=threads, run_id=run_id)
+                      ties=ties, device=device, autocast=autocast, threads=threads, run_id=run_id)
     try:
         result = run_training(cfg, resume=resume, restart=restart, progress=progress,
                               gather_negatives=gather_negatives)
