@@ -537,18 +537,13 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
     """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss``, with or
     without item ID embeddings as ``item_ids`` says, and evaluated under the candidate protocol ``history`` and
     the tie rule ``ties`` (each: any when None)."""
-    if ties is not None:
-        check_ties(ties)
+    for wanted, check, of_run in ((ties, check_ties, run_ties), (history, check_history, run_history),
+                                  (loss, check_loss, run_loss)):
+        if wanted is None:
+            continue
+        check(wanted)
         if not results.is_empty():
-            results = results.filter(pl.col("hparams").map_elements(run_ties, return_dtype=pl.String) == ties)
-    if history is not None:
-        check_history(history)
-        if not results.is_empty():
-            results = results.filter(pl.col("hparams").map_elements(run_history, return_dtype=pl.String) == history)
-    if loss is not None:
-        check_loss(loss)
-        if not results.is_empty():
-            results = results.filter(pl.col("hparams").map_elements(run_loss, return_dtype=pl.String) == loss)
+            results = results.filter(pl.col("hparams").map_elements(of_run, return_dtype=pl.String) == wanted)
     if item_ids is not None and not results.is_empty():
         results = results.filter(pl.col("hparams").map_elements(run_item_ids, return_dtype=pl.Boolean) == item_ids)
     if datasets:
