@@ -28,11 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluate import METRIC_NAMES
+from evaluate import DEFAULT_TIES, METRIC_NAMES, TIE_MODES
 
 __all__ = ["DEFAULT_TIES", "METRIC_NAMES", "TIE_MODES", "full_ranking", "mean_metrics", "metric_names", "target_ranks", "topk_metrics"]
-TIE_MODES: tuple[str, ...] = ("pessimistic", "expected", "index")
-DEFAULT_TIES = "pessimistic"
 
 
 def metric_names(ks: Sequence[int] = (10, 50)) -> tuple[str, ...]:
@@ -45,7 +43,7 @@ def target_ranks(
     targets: torch.Tensor,
     exclude_mask: torch.Tensor | None = None,
     *,
-    ties: str = "pessimistic",
+    ties: str = DEFAULT_TIES,
 ) -> torch.Tensor:
     """1-based rank of each row's target item among all columns of ``scores``.
 
@@ -141,7 +139,7 @@ def full_ranking(
     exclude_history: bool = False,
     batch_size: int = 4096,
     ks: Sequence[int] = (10, 50),
-    ties: str = "pessimistic",
+    ties: str = DEFAULT_TIES,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Rank every item for every user and return per-user R@k and N@k (float64 arrays of length U).

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluate import DEFAULT_TIES
 from evaluate.metrics import full_ranking
 
 
@@ -29,7 +30,7 @@ def train_part_counts(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarr
 
 
 def popularity(counts: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray], *,
-               exclude_history: bool = False, ties: str = "pessimistic", batch_size: int = 4096
+               exclude_history: bool = False, ties: str = DEFAULT_TIES, batch_size: int = 4096
                ) -> dict[str, np.ndarray]:
     """Per-user metrics of ranking every item by ``counts`` (one score per item); ``ties`` as in
     ``evaluate.metrics`` (items of equal count tie)."""
@@ -40,7 +41,7 @@ def popularity(counts: np.ndarray, targets: np.ndarray, histories: Sequence[np.n
 
 
 def last_item_neighbour(vectors: torch.Tensor | np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray], *,
-                        exclude_history: bool = False, ties: str = "pessimistic", batch_size: int = 4096
+                        exclude_history: bool = False, ties: str = DEFAULT_TIES, batch_size: int = 4096
                         ) -> dict[str, np.ndarray]:
     """Per-user metrics of ranking every item by its cosine with the last item of the user's history, on
     ``vectors [n_items, dim]`` (e.g. one stored LLM layer); ``ties`` as in ``evaluate.metrics`` (items with

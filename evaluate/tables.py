@@ -29,7 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
-from evaluate import METRIC_NAMES
+from evaluate import DEFAULT_TIES, METRIC_NAMES
 from evaluate.results import CHOSEN_UNDER, read_per_user, write_text_atomic
 from evaluate.stats import (
     SIGNIFICANCE_ALPHA,
@@ -69,13 +69,12 @@ HISTORY_LABELS: dict[str, str] = {
     "exclude": "items already in the history are not candidates (MoRec's convention)",
 }
 DEFAULT_HISTORY = "keep"
-# Tie rules (the ``ties`` hparam, evaluate.metrics.TIE_MODES); a table holds runs ranked under one of them only.
+# Tie rules (the ``ties`` hparam); a table holds runs ranked under one of them only.
 TIES_LABELS: dict[str, str] = {
     "pessimistic": "a tie counts against the target (rank = 1 + the items scoring at least as high)",
     "expected": "a tie takes the expected rank of a random order among the tied items (mid-rank)",
     "index": "ties broken by item index, lower first (as evaluators built on a stable sort)",
 }
-DEFAULT_TIES = "pessimistic"
 PerUserLoader = Callable[[Path], pl.DataFrame]
 
 
@@ -572,9 +571,9 @@ def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None
         if ties != DEFAULT_TIES:
             table.notes.append(f"Ties: {TIES_LABELS[ties]}.")
         if retested:
-            table.notes.append(f"Some configurations were trained under the other protocol and re-evaluated "
-                               f"(`ssnarec retest`, hparam {CHOSEN_UNDER}): their best epoch was chosen by that "
-                               "protocol's validation R@10.")
+            table.notes.append(f"Some configurations were trained under another protocol (candidates or tie "
+                               f"rule) and re-evaluated (`ssnarec retest`, hparam {CHOSEN_UNDER}): their best epoch "
+                               "was chosen by that protocol's validation R@10.")
     tables += [t for t in (improvement_table(summary, per_user_loader), runtime_table(summary), memory_table(summary)) if t]
     tables += integration_tables(summary)
     seeds = seeds_table(results, summary)

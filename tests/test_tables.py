@@ -14,13 +14,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from evaluate import METRIC_NAMES
+from evaluate import METRIC_NAMES, TIE_MODES
 from evaluate.plots import fig3_points, plot_efficiency, plot_fig3, plot_learning_curves
 from evaluate.report import write_report
 from evaluate.results import RESULTS_FILE, append_result, load_results, write_parquet_atomic, write_per_user
 from evaluate.stats import improvement_pct, is_significant, pair_users, paired_ttest
 from evaluate.tables import (
     MISSING,
+    TIES_LABELS,
     Cell,
     build_tables,
     mark_best,
@@ -323,3 +324,7 @@ def test_seeds_table_labels_a_lone_configuration_by_what_differs_under_another_l
     labels = {(row[1], row[3]) for row in table(build_tables(load_results(home / RESULTS_FILE)), "seeds").rows}
     assert labels == {("tiny", "a = 3, gru_order = bottom_up"), ("tiny", "a = 3, gru_order = top_down"),
                       ("tiny:mean", "a = 3, gru_order = bottom_up")}
+
+
+def test_every_tie_rule_has_a_table_label():
+    assert tuple(TIES_LABELS) == TIE_MODES

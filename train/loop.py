@@ -34,7 +34,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from evaluate.metrics import DEFAULT_TIES, METRIC_NAMES, TIE_MODES, full_ranking, mean_metrics
+from evaluate import DEFAULT_TIES, TIE_MODES
+from evaluate.metrics import METRIC_NAMES, full_ranking, mean_metrics
 from evaluate.results import (
     CHOSEN_UNDER,
     CONFIG_FILE,

@@ -25,9 +25,10 @@ LOSS_HELP = ("Only runs trained with this loss: inbatch (the paper's Eq. 8) or f
 HISTORY_HELP = ("Only runs evaluated under this candidate protocol: keep (history items stay candidates, RecBole's "
                 "convention) or exclude (MoRec's; `train --exclude-history`, or `ssnarec retest`); the two never "
                 "share a table.")
-TIES_HELP = ("Only runs ranked under this tie rule: pessimistic (a tie counts against the target), expected "
-             "(mid-rank of a random order among the tied items) or index (lower item index first); `ssnarec "
-             "retest --ties` re-ranks finished runs. The rules never share a table.")
+TIE_RULES = ("pessimistic (a tie counts against the target), expected (the mid-rank of a random order among the "
+             "tied items) or index (lower item index first)")
+TIES_HELP = (f"Only runs ranked under this tie rule: {TIE_RULES}; `ssnarec retest --ties` re-ranks finished runs. "
+             "The rules never share a table.")
 ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
                  "runs (the paper's); the two never share a table.")
 
@@ -123,8 +124,7 @@ def retest_command(
     exclude_history: bool = typer.Option(True, "--exclude-history/--keep-history", help="The protocol to "
                                          "evaluate under: MoRec's (history items are not candidates) or "
                                          "RecBole's (they are).", show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help="The tie rule to rank under: pessimistic (a tie "
-                             "counts against the target), expected (mid-rank) or index (lower item index first).",
+    ties: str = typer.Option("pessimistic", "--ties", help=f"The tie rule to rank under: {TIE_RULES}.",
                              show_default=True),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.", show_default=True),
     overwrite: bool = typer.Option(False, "--overwrite", help="Evaluate runs re-evaluated before again (after a "
@@ -193,8 +193,7 @@ def references_command(
     exclude_history: bool = typer.Option(False, "--exclude-history/--keep-history", help="MoRec's protocol "
                                          "(history items are not candidates) or RecBole's.", show_default=True),
     split: str = typer.Option("test", "--split", help="test or valid.", show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help="Tie rule: pessimistic (a tie counts against the "
-                             "target), expected (mid-rank) or index (lower item index first).", show_default=True),
+    ties: str = typer.Option("pessimistic", "--ties", help=f"Tie rule: {TIE_RULES}.", show_default=True),
 ) -> None:
     """Training-free reference points on the runs' split and protocol: item popularity and the nearest
     neighbour of the last item (a trained text model that does not clearly beat the latter has a bug)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.commands.evaluation import TIE_RULES
 from train.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -53,8 +54,7 @@ def train_cmd(
                                 "similar length together."),
     exclude_history: bool = typer.Option(_DEFAULTS.exclude_history, "--exclude-history/--keep-history",
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
-    ties: str = typer.Option(_DEFAULTS.ties, "--ties", help="Tied scores in ranking: pessimistic (a tie counts "
-                             "against the target), expected (mid-rank) or index (lower item index first)."),
+    ties: str = typer.Option(_DEFAULTS.ties, "--ties", help=f"Tie rule in validation and test ranking: {TIE_RULES}."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
     threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
