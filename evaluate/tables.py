@@ -491,11 +491,15 @@ def speedup_notes(summary: pl.DataFrame) -> list[str]:
     return notes
 
 
+def _one_of(value: str, labels: dict[str, str], what: str) -> str:
+    """``value`` when it is a key of ``labels``; ValueError naming the choices otherwise."""
+    if value not in labels:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(labels)}")
+    return value
+
+
 def check_loss(loss: str) -> str:
-    """``loss`` when it names a training loss; ValueError naming the choices otherwise."""
-    if loss not in LOSS_LABELS:
-        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSS_LABELS)}")
-    return loss
+    return _one_of(loss, LOSS_LABELS, "loss")
 
 
 def run_loss(hparams_json: str | None) -> str:
@@ -504,9 +508,7 @@ def run_loss(hparams_json: str | None) -> str:
 
 
 def check_history(history: str) -> str:
-    if history not in HISTORY_LABELS:
-        raise ValueError(f"unknown candidate protocol {history!r}; use one of {', '.join(HISTORY_LABELS)}")
-    return history
+    return _one_of(history, HISTORY_LABELS, "candidate protocol")
 
 
 def run_history(hparams_json: str | None) -> str:
@@ -515,9 +517,7 @@ def run_history(hparams_json: str | None) -> str:
 
 
 def check_ties(ties: str) -> str:
-    if ties not in TIES_LABELS:
-        raise ValueError(f"unknown tie rule {ties!r}; use one of {', '.join(TIES_LABELS)}")
-    return ties
+    return _one_of(ties, TIES_LABELS, "tie rule")
 
 
 def run_ties(hparams_json: str | None) -> str:
