@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluate import DEFAULT_TIES
 from evaluate.results import RESULT_FILE, RESULTS_FILE
 from featurestore import StoreMissing, open_store
 from pipeline import workspace
@@ -117,7 +118,7 @@ def load_run(run_id: str):
 
 
 def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrite: bool = False,
-               ties: str = "pessimistic") -> RunResult:
+               ties: str = DEFAULT_TIES) -> RunResult:
     """Re-evaluate a finished run's best checkpoint under another protocol, candidates and tie rule
     (``train.loop.retest``), and record it in the results store."""
     from train.loop import load_config, retest
@@ -162,7 +163,7 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
 
 
 def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_history: bool = False,
-                     split: str = "test", ties: str = "pessimistic") -> list[dict]:
+                     split: str = "test", ties: str = DEFAULT_TIES) -> list[dict]:
     """Popularity and (with LLM) the nearest neighbour of the last item on the store's layer ``layer`` (0 = top)
     over the leave-one-out ``split`` (test or valid), ties ranked by the rule ``ties``: one row each, name plus
     mean R@10 … N@50."""

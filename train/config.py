@@ -12,13 +12,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from evaluate import DEFAULT_TIES
+
 # Settings that change how a run executes or is named, never its result.
 EXECUTION_FIELDS = frozenset({"run_id", "device", "threads", "eval_batch_size", "preload_features", "extra"})
 IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 # Settings added after runs had been recorded, each with the value every earlier run had: while a run keeps that
 # value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
 # splits no group of seeds.
-ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False, "ties": "pessimistic"}
+ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False, "ties": DEFAULT_TIES}
 # Settings only some methods read: for the others train.loop.resolve resets them to their default, so that giving
 # one (say --gru-order to TMoE) neither renames the run nor splits its seeds.
 APPLIES_TO: dict[str, frozenset[str]] = {
@@ -84,7 +86,7 @@ class TrainConfig:
 
     # --- evaluation
     exclude_history: bool = False     # MoRec's protocol: items in the history are not candidates (default: RecBole's)
-    ties: str = "pessimistic"         # tied scores: pessimistic (count against the target) | expected (mid-rank) | index
+    ties: str = DEFAULT_TIES          # tied scores: pessimistic (count against the target) | expected (mid-rank) | index
     eval_batch_size: int = 4096       # users scored at once in full ranking
 
     # --- execution

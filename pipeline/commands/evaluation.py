@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from evaluate import DEFAULT_TIES
 from pipeline import workspace
 
 if TYPE_CHECKING:
@@ -49,13 +50,15 @@ def _load(value: str) -> tuple[Path, pl.DataFrame]:
         raise typer.Exit(code=1) from err
 
 
-def _check_filters(loss: str, history: str, ties: str) -> None:
+def _check_filters(loss: str | None = None, history: str | None = None, ties: str | None = None) -> None:
     """Exit 2 with evaluate's message when --loss names no training loss, --history no candidate protocol or
-    --ties no tie rule (before any table is built)."""
+    --ties no tie rule (before any table is built or run evaluated); None is not checked."""
     from evaluate.tables import check_history, check_loss, check_ties
 
     for flag, check, value in (("--loss", check_loss, loss), ("--history", check_history, history),
                                ("--ties", check_ties, ties)):
+        if value is None:
+            continue
         try:
             check(value)
         except ValueError as err:
@@ -76,7 +79,7 @@ def eval_command(
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
     history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help=TIES_HELP, show_default=True),
+    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=TIES_HELP, show_default=True),
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
@@ -103,7 +106,7 @@ def report_command(
     loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
     item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
     history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help=TIES_HELP, show_default=True),
+    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=TIES_HELP, show_default=True),
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
@@ -124,7 +127,7 @@ def retest_command(
     exclude_history: bool = typer.Option(True, "--exclude-history/--keep-history", help="The protocol to "
                                          "evaluate under: MoRec's (history items are not candidates) or "
                                          "RecBole's (they are).", show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help=f"The tie rule to rank under: {TIE_RULES}.",
+    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=f"The tie rule to rank under: {TIE_RULES}.",
                              show_default=True),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.", show_default=True),
     overwrite: bool = typer.Option(False, "--overwrite", help="Evaluate runs re-evaluated before again (after a "
@@ -139,16 +142,12 @@ def retest_command(
     from tqdm.auto import tqdm
 
     from evaluate.results import CHOSEN_UNDER
-    from evaluate.tables import check_ties, filter_results, hparam, run_history, run_ties
+    from evaluate.tables import filter_results, hparam, run_history, run_ties
     from pipeline.datasets import DatasetError
     from pipeline.stages import StageError, run_retest
     from train.loop import RunStateError
 
-    try:
-        check_ties(ties)
-    except ValueError as err:
-        typer.echo(f"error: --ties: {err}", err=True)
-        raise typer.Exit(code=2) from err
+    _check_filters(ties=ties)
     wanted = ("exclude" if exclude_history else "keep", ties)
     _, frame = _load("")
     frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None, history=None, ties=None)
@@ -193,7 +192,7 @@ def references_command(
     exclude_history: bool = typer.Option(False, "--exclude-history/--keep-history", help="MoRec's protocol "
                                          "(history items are not candidates) or RecBole's.", show_default=True),
     split: str = typer.Option("test", "--split", help="test or valid.", show_default=True),
-    ties: str = typer.Option("pessimistic", "--ties", help=f"Tie rule: {TIE_RULES}.", show_default=True),
+    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=f"Tie rule: {TIE_RULES}.", show_default=True),
 ) -> None:
     """Training-free reference points on the runs' split and protocol: item popularity and the nearest
     neighbour of the last item (a trained text model that does not clearly beat the latter has a bug)."""
