@@ -1,4 +1,5 @@
-"""Stage one: the on-disk store of per-layer [CLS] embeddings of every item text (HDF5 + Parquet + manifest).
+"""Stage one: the on-disk store of per-layer embeddings ([CLS] or mean-pooled) of every item text (HDF5 + Parquet +
+manifest).
 
 Public API: ``embed_items`` (write or update a store), ``open_store`` (read it: ``Store.top_layers(a)``),
 ``LLMS``/``load_llm`` (the LLM registry and the one model loader), and the errors.

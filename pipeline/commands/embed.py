@@ -61,7 +61,8 @@ def embed_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.",
                                   show_default=True),
 ) -> None:
-    """Stage one: store every layer's [CLS] embedding of every item text (a cache hit when nothing changed).
+    """Stage one: store every layer's [CLS] (or, with LLM:mean, mean-pooled) embedding of every item text (a cache
+    hit when nothing changed).
 
     Under torchrun (`make embeddings NPROC=N`) the processes share the items; only rank 0 prints."""
     if not logging.getLogger().handlers:
