@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -32,6 +32,16 @@ TIES_HELP = (f"Only runs ranked under this tie rule: {TIE_RULES}; `ssnarec retes
              "The rules never share a table.")
 ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
                  "runs (the paper's); the two never share a table.")
+
+# the filters shared by eval, report and retest, declared once (each command gives its default)
+DatasetFilter = Annotated[str, typer.Option("--dataset", help=DATASET_HELP, show_default="all")]
+LLMFilter = Annotated[str, typer.Option("--llm", help=LLM_HELP, show_default="all")]
+ResultsPath = Annotated[str, typer.Option("--results", help=RESULTS_HELP,
+                                          show_default="$SSNAREC_HOME/results.parquet")]
+LossFilter = Annotated[str, typer.Option("--loss", help=LOSS_HELP, show_default=True)]
+ItemIdsFilter = Annotated[bool, typer.Option("--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True)]
+HistoryFilter = Annotated[str, typer.Option("--history", help=HISTORY_HELP, show_default=True)]
+TiesFilter = Annotated[str, typer.Option("--ties", help=TIES_HELP, show_default=True)]
 
 
 def _split(value: str) -> list[str]:
@@ -73,13 +83,13 @@ def _results_path(value: str) -> Path:
 
 
 def eval_command(
-    dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
-    llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
-    results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
-    loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
-    item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
-    history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
-    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=TIES_HELP, show_default=True),
+    dataset: DatasetFilter = "",
+    llm: LLMFilter = "",
+    results: ResultsPath = "",
+    loss: LossFilter = "inbatch",
+    item_ids: ItemIdsFilter = False,
+    history: HistoryFilter = "keep",
+    ties: TiesFilter = DEFAULT_TIES,
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
 ) -> None:
     """Print the paper's tables (2–8) from whatever runs exist and write them under reports/."""
@@ -100,13 +110,13 @@ def eval_command(
 
 
 def report_command(
-    dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
-    llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
-    results: str = typer.Option("", "--results", help=RESULTS_HELP, show_default="$SSNAREC_HOME/results.parquet"),
-    loss: str = typer.Option("inbatch", "--loss", help=LOSS_HELP, show_default=True),
-    item_ids: bool = typer.Option(False, "--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True),
-    history: str = typer.Option("keep", "--history", help=HISTORY_HELP, show_default=True),
-    ties: str = typer.Option(DEFAULT_TIES, "--ties", help=TIES_HELP, show_default=True),
+    dataset: DatasetFilter = "",
+    llm: LLMFilter = "",
+    results: ResultsPath = "",
+    loss: LossFilter = "inbatch",
+    item_ids: ItemIdsFilter = False,
+    history: HistoryFilter = "keep",
+    ties: TiesFilter = DEFAULT_TIES,
 ) -> None:
     """Write reports/report.md with the tables and the figures (Fig. 3, learning curves, efficiency)."""
     from evaluate.report import write_report
@@ -121,8 +131,8 @@ def report_command(
 def retest_command(
     runs: list[str] | None = typer.Argument(None, help="Run ids to re-evaluate.", show_default="every finished "
                                             "run that matches the filters"),
-    dataset: str = typer.Option("", "--dataset", help=DATASET_HELP, show_default="all"),
-    llm: str = typer.Option("", "--llm", help=LLM_HELP, show_default="all"),
+    dataset: DatasetFilter = "",
+    llm: LLMFilter = "",
     method: str = typer.Option("", "--method", help="Only these methods (comma-separated).", show_default="all"),
     exclude_history: bool = typer.Option(True, "--exclude-history/--keep-history", help="The protocol to "
                                          "evaluate under: MoRec's (history items are not candidates) or "
