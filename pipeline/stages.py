@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from featurestore import StoreMissing, open_store
 from pipeline import workspace
 from pipeline.datasets import Dataset, load
 from train import ItemInputs, RunResult, Split, TrainConfig, fit, get_method, leave_one_out, resolve
+
+if TYPE_CHECKING:
+    import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,10 +137,6 @@ def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrit
 
 def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: bool = True) -> list[dict]:
     """Top-k items for a history of item ids (oldest first): item_id, score (cosine), text."""
-    import torch
-
-    from train.data import Batch
-
     model, data, cfg = load_run(run_id)
     ids = data.items
     index = dict(zip(ids["item_id"].to_list(), ids["item_idx"].to_list(), strict=True))
@@ -147,19 +147,78 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
                          f"{data.path / 'items.parquet'}")
     if not history:
         raise StageError("the history is empty: give at least one item id")
-    every = [index[item] for item in history]
-    seen = every[-cfg.max_len:]                               # what the model reads
-    batch = Batch(torch.tensor([seen]), torch.tensor([len(seen)]), torch.tensor([0]), torch.tensor([0]))
+    scores, top = top_items(model, item_vectors(model), [np.array([index[item] for item in history])], cfg.max_len,
+                            k, exclude_history)
+    texts, item_ids = ids["text"].to_list(), ids["item_id"].to_list()
+    return [{"item_id": item_ids[i], "score": float(v), "text": texts[i]}
+            for v, i in zip(scores[0].tolist(), top[0].tolist(), strict=True) if v != float("-inf")]
+
+
+def recommend_users(run_id: str, users: list[str] | None = None, k: int = 10, exclude_history: bool = True,
+                    batch_size: int = 512, progress: bool = False) -> pl.DataFrame:
+    """Next-item recommendations for the dataset's users (``users`` None: all of them), each after the user's
+    whole sequence, the test item included: what the user would be shown next. One row per user and rank:
+    user_id, rank (1 = best), item_id, score (cosine), users in the order asked (the dataset's for all)."""
+    import polars as pl
+    from tqdm.auto import tqdm
+
+    model, data, cfg = load_run(run_id)
+    if users is None:
+        chosen = np.arange(data.n_users)
+    else:
+        where = {user: u for u, user in enumerate(data.user_ids)}
+        unknown = [user for user in users if user not in where]
+        if unknown:
+            raise StageError(f"{len(unknown)} user id(s) not in dataset {data.name!r}: {', '.join(unknown[:20])}"
+                             f"{' …' if len(unknown) > 20 else ''}. Fix: use user_id values from "
+                             f"{data.path / 'sequences.parquet'}, or --users all")
+        chosen = np.array([where[user] for user in users], dtype=np.int64)
+    item_ids = np.array(data.items["item_id"].to_list(), dtype=object)
+    user_ids = np.array(data.user_ids, dtype=object)
+    vectors, parts = item_vectors(model), []
+    for start in tqdm(range(0, len(chosen), batch_size), desc="recommend", unit="batch", disable=not progress):
+        rows = chosen[start:start + batch_size]
+        scores, top = top_items(model, vectors, [data.sequences[u] for u in rows], cfg.max_len, k, exclude_history)
+        kept = np.isfinite(scores.numpy())
+        ranks = np.broadcast_to(np.arange(1, scores.shape[1] + 1), scores.shape)
+        parts.append(pl.DataFrame({
+            "user_id": np.repeat(user_ids[rows], kept.sum(axis=1)).tolist(),
+            "rank": ranks[kept].astype(np.int32),
+            "item_id": item_ids[top.numpy()[kept]].tolist(),
+            "score": scores.numpy()[kept].astype(np.float32)}))
+    schema = {"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32}
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def item_vectors(model):
+    """Every item's vector under a loaded run's model (fp32), once for all the users one ranks."""
+    import torch
+
     with torch.no_grad():
-        vectors = model.item_vectors()
-        scores = (model.predict(batch, vectors) @ torch.nn.functional.normalize(vectors, dim=-1).T)[0]
+        return model.item_vectors().float()
+
+
+def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int, exclude_history: bool):
+    """Scores and item indices ([U, min(k, n_items)] each, best first) under ``model`` and its ``vectors``
+    (:func:`item_vectors`) after each history of item indices
+    (oldest first; the model reads the last ``max_len``); with ``exclude_history`` every item of a history
+    scores -inf for its user, as evaluation does, so a short catalogue can leave -inf entries at the end."""
+    import torch
+
+    from train.data import Batch
+
+    lengths = np.array([min(len(h), max_len) for h in histories], dtype=np.int64)
+    padded = np.zeros((len(histories), int(lengths.max())), dtype=np.int64)
+    for row, (history, n) in enumerate(zip(histories, lengths, strict=True)):
+        padded[row, :n] = history[len(history) - n:]
+    none = torch.zeros(len(histories), dtype=torch.int64)
+    batch = Batch(torch.from_numpy(padded), torch.from_numpy(lengths), none, none)
+    with torch.no_grad():
+        scores = model.predict(batch, vectors).float() @ torch.nn.functional.normalize(vectors, dim=-1).T
     if exclude_history:
-        scores[torch.tensor(every)] = float("-inf")             # the whole history, as evaluation does
-    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-    texts = ids["text"].to_list()
-    item_ids = ids["item_id"].to_list()
-    return [{"item_id": item_ids[i], "score": float(s), "text": texts[i]}
-            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(histories).astype(np.int64))] = float("-inf")
+    return torch.topk(scores, min(k, scores.shape[1]))
 
 
 def reference_points(dataset: str, llm: str | None, layer: int = 0, exclude_history: bool = False,

@@ -96,6 +96,44 @@ def test_train_eval_recommend(prepared, monkeypatch):
     assert len(shown) == N_ITEMS - 3 and not any(f" I00{i} " in line for line in shown for i in (1, 2, 3))
 
 
+def test_recommend_to_dataset_users(prepared, tmp_path):
+    assert train(prepared, "--method", "ssna", "--run-id", "toy-ssna").exit_code == 0
+    out = tmp_path / "recs" / "all.parquet"
+    written = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "all", "-k", "5",
+                                       "--out", str(out), "--no-progress"])
+    assert written.exit_code == 0, written.output
+    recs = pl.read_parquet(out)
+    assert recs.columns == ["user_id", "rank", "item_id", "score"] and recs.height == 40 * 5
+    assert not list(out.parent.glob(".*.tmp"))
+    sequences = pl.read_parquet(workspace.data_dir() / "toy" / "sequences.parquet")
+    bought = {u: {f"I{i:03d}" for i in items} for u, items in sequences.select("user_id", "items").iter_rows()}
+    for user, part in recs.group_by("user_id", maintain_order=True):
+        assert part["rank"].to_list() == [1, 2, 3, 4, 5]
+        assert part["score"].to_list() == sorted(part["score"].to_list(), reverse=True)
+        assert not set(part["item_id"]) & bought[user[0]]          # the whole sequence is excluded
+
+    # batched over users of different lengths, each user gets what their sequence alone gets
+    chunked = pipeline.stages.recommend_users("toy-ssna", ["U7", "U3", "U12"], k=5, batch_size=2)
+    for user in ("U7", "U3", "U12"):
+        items = sequences.filter(pl.col("user_id") == user)["items"][0].to_list()
+        alone = pipeline.stages.recommend("toy-ssna", [f"I{i:03d}" for i in items], k=5)
+        mine = chunked.filter(pl.col("user_id") == user)
+        assert mine["item_id"].to_list() == [r["item_id"] for r in alone]
+        np.testing.assert_allclose(mine["score"].to_numpy(), [r["score"] for r in alone], rtol=1e-5, atol=1e-6)
+    assert chunked["user_id"].unique(maintain_order=True).to_list() == ["U7", "U3", "U12"]
+
+    kept = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "U3", "-k", str(N_ITEMS),
+                                    "--keep-history", "--no-progress"])
+    assert kept.exit_code == 0 and len(kept.output.strip().splitlines()) == N_ITEMS
+
+    unknown = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "U3,NOBODY"])
+    assert unknown.exit_code == 1 and "NOBODY" in unknown.output and "sequences.parquet" in unknown.output
+    both = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "all", "--history", "I001"])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    stray = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001", "--out", str(out)])
+    assert stray.exit_code == 2
+
+
 def test_missing_store_names_the_command(prepared):
     result = train("some-other-llm", "--method", "ssna")
     assert result.exit_code == 1
