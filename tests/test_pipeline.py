@@ -126,6 +126,10 @@ def test_recommend_to_dataset_users(prepared, tmp_path):
                                     "--keep-history", "--no-progress"])
     assert kept.exit_code == 0 and len(kept.output.strip().splitlines()) == N_ITEMS
 
+    twice = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "U3, U3,", "-k", "2",
+                                     "--no-progress"])
+    assert twice.exit_code == 0 and len(twice.output.strip().splitlines()) == 2
+    assert CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", " , "]).exit_code == 2
     unknown = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "U3,NOBODY"])
     assert unknown.exit_code == 1 and "NOBODY" in unknown.output and "sequences.parquet" in unknown.output
     both = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "all", "--history", "I001"])

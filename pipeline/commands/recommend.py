@@ -43,7 +43,11 @@ def recommend_cmd(
             for rank, row in enumerate(recommend(run, items, k, exclude_history), 1):
                 typer.echo(f"{rank:>3}  {row['score']:.4f}  {row['item_id']}  {row['text']}")
             return
-        wanted = None if users.strip() == "all" else [u.strip() for u in users.split(",") if u.strip()]
+        wanted = None if users.strip() == "all" else list(dict.fromkeys(u.strip() for u in users.split(",")
+                                                                          if u.strip()))
+        if wanted == []:
+            typer.echo("error: --users names no user; give user ids (comma-separated) or 'all'", err=True)
+            raise typer.Exit(code=2)
         table = recommend_users(run, wanted, k, exclude_history, progress=progress)
     except (StageError, DatasetError) as exc:
         typer.echo(f"error: {exc}", err=True)
