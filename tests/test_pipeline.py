@@ -138,6 +138,9 @@ def test_recommend_to_dataset_users(prepared, tmp_path):
     assert both.exit_code == 2 and "exactly one" in both.output
     stray = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--history", "I001", "--out", str(out)])
     assert stray.exit_code == 2
+    folder = CliRunner().invoke(app, ["recommend", "--run", "toy-ssna", "--users", "U3", "--out", str(tmp_path),
+                                      "--no-progress"])
+    assert folder.exit_code == 1 and "recs.parquet" in folder.output
 
 
 def test_missing_store_names_the_command(prepared):

@@ -56,8 +56,14 @@ def recommend_cmd(
         from featurestore.store import atomic_path
 
         target = Path(out).expanduser()
-        with atomic_path(target) as tmp:
-            table.write_parquet(tmp)
+        try:
+            if target.is_dir():
+                raise IsADirectoryError(f"{target} is a folder; give a file name such as {target / 'recs.parquet'}")
+            with atomic_path(target) as tmp:
+                table.write_parquet(tmp)
+        except OSError as exc:
+            typer.echo(f"error: cannot write {target}: {exc}", err=True)
+            raise typer.Exit(code=1) from None
         typer.echo(f"Wrote {table.height} recommendations for {table['user_id'].n_unique()} users to {target}")
         return
     for row in table.iter_rows(named=True):
