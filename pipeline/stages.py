@@ -140,11 +140,7 @@ def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: boo
     model, data, cfg = load_run(run_id)
     ids = data.items
     index = dict(zip(ids["item_id"].to_list(), ids["item_idx"].to_list(), strict=True))
-    unknown = [item for item in history if item not in index]
-    if unknown:
-        raise StageError(f"{len(unknown)} item id(s) not in dataset {data.name!r}: {', '.join(unknown[:20])}"
-                         f"{' …' if len(unknown) > 20 else ''}. Fix: use item_id values from "
-                         f"{data.path / 'items.parquet'}")
+    _check_known(history, index, "item", data, "items.parquet")
     if not history:
         raise StageError("the history is empty: give at least one item id")
     scores, top = top_items(model, item_vectors(model), [np.array([index[item] for item in history])], cfg.max_len,
@@ -167,27 +163,33 @@ def recommend_users(run_id: str, users: list[str] | None = None, k: int = 10, ex
         chosen = np.arange(data.n_users)
     else:
         where = {user: u for u, user in enumerate(data.user_ids)}
-        unknown = [user for user in users if user not in where]
-        if unknown:
-            raise StageError(f"{len(unknown)} user id(s) not in dataset {data.name!r}: {', '.join(unknown[:20])}"
-                             f"{' …' if len(unknown) > 20 else ''}. Fix: use user_id values from "
-                             f"{data.path / 'sequences.parquet'}, or --users all")
+        _check_known(users, where, "user", data, "sequences.parquet", ", or --users all")
         chosen = np.array([where[user] for user in users], dtype=np.int64)
     item_ids = np.array(data.items["item_id"].to_list(), dtype=object)
     user_ids = np.array(data.user_ids, dtype=object)
     vectors, parts = item_vectors(model), []
     for start in tqdm(range(0, len(chosen), batch_size), desc="recommend", unit="batch", disable=not progress):
         rows = chosen[start:start + batch_size]
-        scores, top = top_items(model, vectors, [data.sequences[u] for u in rows], cfg.max_len, k, exclude_history)
-        kept = np.isfinite(scores.numpy())
+        best = top_items(model, vectors, [data.sequences[u] for u in rows], cfg.max_len, k, exclude_history)
+        scores, top = best.values.numpy(), best.indices.numpy()
+        kept = np.isfinite(scores)
         ranks = np.broadcast_to(np.arange(1, scores.shape[1] + 1), scores.shape)
         parts.append(pl.DataFrame({
             "user_id": np.repeat(user_ids[rows], kept.sum(axis=1)).tolist(),
             "rank": ranks[kept].astype(np.int32),
-            "item_id": item_ids[top.numpy()[kept]].tolist(),
-            "score": scores.numpy()[kept].astype(np.float32)}))
+            "item_id": item_ids[top[kept]].tolist(),
+            "score": scores[kept].astype(np.float32)}))
     schema = {"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32}
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def _check_known(ids: list[str], known: dict, kind: str, data: Dataset, source: str, also: str = "") -> None:
+    """StageError naming the ``kind`` ids (the first 20) that ``known`` lacks, and the dataset file listing them."""
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise StageError(f"{len(unknown)} {kind} id(s) not in dataset {data.name!r}: {', '.join(unknown[:20])}"
+                         f"{' …' if len(unknown) > 20 else ''}. Fix: use {kind}_id values from "
+                         f"{data.path / source}{also}")
 
 
 def item_vectors(model):
@@ -205,6 +207,7 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     scores -inf for its user, as evaluation does, so a short catalogue can leave -inf entries at the end."""
     import torch
 
+    from evaluate.metrics import flatten_histories
     from train.data import Batch
 
     lengths = np.array([min(len(h), max_len) for h in histories], dtype=np.int64)
@@ -216,8 +219,9 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     with torch.no_grad():
         scores = model.predict(batch, vectors).float() @ torch.nn.functional.normalize(vectors, dim=-1).T
     if exclude_history:
-        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-        scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(histories).astype(np.int64))] = float("-inf")
+        offsets, items = flatten_histories(histories, scores.shape[1])
+        rows = np.repeat(np.arange(len(histories)), np.diff(offsets))
+        scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
     return torch.topk(scores, min(k, scores.shape[1]))
 
 
