@@ -312,6 +312,38 @@ def test_fit_writes_the_run_and_resumes_exactly(tmp_path, features, sequences):
     assert again.skipped and again.row["test_R@10"] == whole.row["test_R@10"]
 
 
+def test_lr_decays_restart_from_the_best_checkpoint_and_resume_exactly(tmp_path, features, sequences):
+    import polars as pl
+
+    split = leave_one_out(sequences, N_ITEMS)
+    # a rate too small to move validation: every epoch after the first is stale, so patience 1 runs out at once
+    cfg = tiny_cfg("mean", lr=1e-9, patience=1, max_epochs=8, lr_decays=1, lr_decay_factor=0.5)
+    plain = fit(tiny_cfg("mean", lr=1e-9, patience=1, max_epochs=8), split, inputs_for(features), tmp_path / "p",
+                progress=False)
+    assert plain.row["epochs"] == 2
+    whole = fit(cfg, split, inputs_for(features), tmp_path / "a", progress=False)
+    epochs = pl.read_parquet(whole.run_dir / "epochs.parquet")
+    assert epochs["lr"].to_list() == [1e-9, 1e-9, 5e-10] and whole.row["epochs"] == 3
+    assert (whole.run_dir / "best.phase0.pt").is_file() and whole.row["best_epoch"] == 1
+    assert whole.run_dir.name != plain.run_dir.name
+
+    class Killed(Exception):
+        pass
+
+    def die(record):
+        if record["epoch"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, on_epoch=die)
+    resumed = fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, resume=True)
+    assert resumed.resumed_from == 3 and resumed.row["epochs"] == 3
+    for key in ("test_R@10", "test_N@50", "valid_R@10", "best_epoch"):
+        assert resumed.row[key] == whole.row[key], key
+    with pytest.raises(ValueError, match="--lr-decay-factor"):
+        resolve(tiny_cfg("mean", lr_decays=1, lr_decay_factor=1.5))
+
+
 def test_trained_model_beats_chance(tmp_path, features, sequences):
     split = leave_one_out(sequences, N_ITEMS)
     cfg = tiny_cfg("tmoe", max_epochs=15, patience=15, hidden_dropout=0.1, attn_dropout=0.1, lr=3e-3)
@@ -347,6 +379,7 @@ def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
     assert cfg.run_key() == f"sci_minilm_adalora_s0_{digest}"
     assert not set(ADDED_LATER) & set(cfg.hparams())
-    for name, value in (("adalora_epochs", 80), ("item_ids", True), ("ties", "expected")):
+    for name, value in (("adalora_epochs", 80), ("item_ids", True), ("ties", "expected"), ("lr_decays", 1),
+                        ("lr_decay_factor", 0.5)):
         changed = replace(cfg, **{name: value})
         assert changed.run_key() != cfg.run_key() and changed.hparams()[name] == value

@@ -20,7 +20,8 @@ IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 # Settings added after runs had been recorded, each with the value every earlier run had: while a run keeps that
 # value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
 # splits no group of seeds.
-ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False, "ties": DEFAULT_TIES}
+ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False, "ties": DEFAULT_TIES, "lr_decays": 0,
+                               "lr_decay_factor": 0.1}
 # Settings only some methods read: for the others train.loop.resolve resets them to their default, so that giving
 # one (say --gru-order to TMoE) neither renames the run nor splits its seeds.
 APPLIES_TO: dict[str, frozenset[str]] = {
@@ -81,6 +82,9 @@ class TrainConfig:
     limit_users: int | None = None    # train and evaluate on the first N users only (bounded run)
     max_epochs: int = 300             # hard cap on epochs
     patience: int = 10                # epochs without a better validation R@10 before stopping
+    lr_decays: int = 0                # times a stop for patience instead restarts Adam from the best checkpoint at
+    #                                   lr × lr_decay_factor (0: constant lr, the paper; beyond the paper)
+    lr_decay_factor: float = 0.1      # learning-rate multiplier of each such restart
     bucket_by_length: bool = False    # batch examples of similar history length together (less padding)
     preload_features: bool = True     # copy the top-a layers into RAM (else gather rows from the memory map per batch)
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -79,7 +80,8 @@ class RunResult:
 
 # Settings whose bad values would train silently into nonsense: [low, high).
 RANGES = {"lr": (1e-12, math.inf), "weight_decay": (0.0, math.inf), "temperature": (1e-6, math.inf),
-          "hidden_dropout": (0.0, 1.0), "attn_dropout": (0.0, 1.0), "adapter_dropout": (0.0, 1.0)}
+          "hidden_dropout": (0.0, 1.0), "attn_dropout": (0.0, 1.0), "adapter_dropout": (0.0, 1.0),
+          "lr_decays": (0, math.inf), "lr_decay_factor": (1e-12, 1.0)}
 
 
 def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
@@ -130,6 +132,12 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = proc_status_mb("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if math.isnan(peak) else peak
+
+
+def phase_best_file(phase: int) -> str:
+    """The best checkpoint of learning-rate phase ``phase`` (0: the initial rate), kept when ``lr_decays``
+    starts the next phase."""
+    return f"best.phase{phase}.pt"
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -265,17 +273,21 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
     # PyTorch's fused Adam (one kernel over all parameters) where it exists: on CPU its step takes a fifth of the
     # per-parameter loop's time for SSNA's parameters. A resumed run keeps the implementation it was started with
     # (the optimiser's saved param_groups carry it).
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=device.type in FUSED_ADAM_DEVICES)
+    def adam(lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam(trainable, lr=lr, weight_decay=cfg.weight_decay,
+                                fused=device.type in FUSED_ADAM_DEVICES)
+
+    optimizer = adam(cfg.lr)
     hooks = getattr(model.item_encoder, "training_hooks", None)   # e.g. AdaLoRA's regulariser and rank update
     history: list[dict[str, Any]] = []
-    best, best_epoch, stale, start, step = -1.0, 0, 0, 0, 0
+    best, best_epoch, stale, start, step, decays = -1.0, 0, 0, 0, 0, 0
     if (run_dir / CHECKPOINT_FILE).exists():
         state = torch.load(run_dir / CHECKPOINT_FILE, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, best_epoch, stale, start, step = (
             state[k] for k in ("history", "best", "best_epoch", "stale", "epoch", "step"))
+        decays = state.get("decays", 0)
 
     forward: Callable[[Batch], torch.Tensor] = model.loss
     ddp: DistributedDataParallel | None = None
@@ -293,6 +305,15 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
     bar = tqdm(total=cfg.max_epochs, initial=start, desc=f"{cfg.method} {cfg.dataset}", unit="epoch",
                disable=not progress or not main)
     for epoch in range(start + 1, cfg.max_epochs + 1):
+        if stale >= cfg.patience and decays < cfg.lr_decays:
+            # instead of stopping: back to the best weights, a fresh Adam at a lower rate, patience anew. The
+            # best checkpoint of the phase that ends stays beside best.pt, so the phases can be compared.
+            decays, stale = decays + 1, 0
+            if main:
+                with atomic_target(run_dir / phase_best_file(decays - 1)) as tmp:
+                    shutil.copyfile(run_dir / BEST_FILE, tmp)
+            model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
+            optimizer = adam(cfg.lr * cfg.lr_decay_factor ** decays)
         if stale >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
         torch.manual_seed(_epoch_seed(cfg, epoch, rank))
@@ -326,7 +347,7 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
         history.append({"epoch": epoch, "train_loss": total / max(batches, 1), "seconds": seconds,
                         # a bounded (partial) epoch is scaled to a full one, and says so
                         "epoch_seconds": seconds if complete else seconds / max(batches, 1) * per_epoch,
-                        "extrapolated": not complete, "batches": batches,
+                        "extrapolated": not complete, "batches": batches, "lr": optimizer.param_groups[0]["lr"],
                         **{f"valid_{m}": valid[m] for m in METRIC_NAMES}})
         # every rank has the same metrics, so takes the same decisions; rank 0 writes
         if valid[SELECT_METRIC] > best:
@@ -337,7 +358,8 @@ def fit(cfg: TrainConfig, split: Split, inputs: ItemInputs, runs_root: Path, *, 
             stale += 1
         if main:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                         "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch, "step": step},
+                         "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch, "step": step,
+                         "decays": decays},
                         run_dir / CHECKPOINT_FILE)
             write_parquet_atomic(pl.DataFrame(history), run_dir / EPOCHS_FILE)
         bar.update(1)

@@ -46,6 +46,11 @@ def train_cmd(
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
                                  "before stopping."),
+    lr_decays: int = typer.Option(_DEFAULTS.lr_decays, "--lr-decays", help="Times running out of patience "
+                                  "restarts from the best checkpoint at a lower rate instead of stopping (0: "
+                                  "constant rate, the paper)."),
+    lr_decay_factor: float = typer.Option(_DEFAULTS.lr_decay_factor, "--lr-decay-factor", help="Learning-rate "
+                                          "multiplier of each --lr-decays restart."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Stop after this many optimiser steps "
                                          "(bounded run; epoch time extrapolated and flagged)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users (bounded run)."),
@@ -80,7 +85,7 @@ def train_cmd(
                       loss=loss, lr=lr, weight_decay=weight_decay,
                       temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
                       adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
-                      limit_users=limit_users, seed=seed, bucket_by_length=bucket, exclude_history=exclude_history,
+                      lr_decays=lr_decays, lr_decay_factor=lr_decay_factor, limit_users=limit_users, seed=seed, bucket_by_length=bucket, exclude_history=exclude_history,
                       ties=ties, device=device, autocast=autocast, threads=threads, run_id=run_id)
     try:
         result = run_training(cfg, resume=resume, restart=restart, progress=progress,
