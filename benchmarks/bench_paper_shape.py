@@ -12,7 +12,8 @@ reported. The store's top layers are therefore random too (768-dimensional, like
 
 Stage one writes that model's layers of every Sci item into the bench home (a cache hit after the first run);
 then SSNA (batch 256, a = 3) and LoRA (batch 32 × 8 accumulated) each run ``train.fit`` in a fresh, profiled
-child process (``benchmarks.run``'s children), over their first optimiser steps, with evaluation left out.
+child process (``benchmarks.run``'s children), over their first optimiser steps (on CPU the profiled ones
+take each epoch's heaviest batches first), with evaluation left out.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from benchmarks.run import (  # noqa: E402
     KEYS,
     LATEST,
     TensorMemoryPeak,
+    batch_weight,
+    heaviest_batches_first,
     make_entry,
     read_results,
     scaling_exponent,
@@ -216,6 +218,22 @@ def test_tensor_memory_peak_refuses_a_block_that_allocated_nothing(tmp_path):
             pass
 
 
+def test_profiled_runs_take_each_epochs_heaviest_batches_first():
+    from tests.synthetic import catalogue_walks
+    from train import leave_one_out
+
+    split = leave_one_out(catalogue_walks(80, 60, 3, 20), 60)
+    shuffled = list(split.train.batches(8, np.random.default_rng(0)))
+    with heaviest_batches_first():
+        ordered = list(split.train.batches(8, np.random.default_rng(0)))
+    weights = [batch_weight(b) for b in ordered]
+    assert weights == sorted(weights, reverse=True) and weights != [batch_weight(b) for b in shuffled]
+    key = lambda b: tuple(b.users.tolist())  # noqa: E731
+    assert sorted(map(key, ordered)) == sorted(map(key, shuffled))     # the same batches, only reordered
+    again = list(split.train.batches(8, np.random.default_rng(0)))     # and only inside the block
+    assert [key(b) for b in again] == [key(b) for b in shuffled]
+
+
 def child_row(spec: dict) -> dict:
     """What a training child reports for SPEC: a whole run's epochs (a cold first one on CUDA), or a bounded one."""
     whole = not spec.get("steps")
@@ -227,7 +245,7 @@ def child_row(spec: dict) -> dict:
             "seconds_per_epoch": float(np.median(times[spec.get("warmup_epochs", 0):])), "batch_size": 256,
             "grad_accum": 1, "peak_rss_mb": 1.0, "baseline_rss_mb": 0.5, "fit_peak_memory_mb": 10.0,
             "trainable_params": 1, "unique_items_per_batch": 1.0, "cuda": None, "tensor_peak_mb": 5.0,
-            "feature_table_mb": 1.0}
+            "feature_table_mb": 1.0, "max_unique_items": 1}
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
