@@ -279,21 +279,25 @@ def test_new_runs_use_fused_adam_and_resumed_runs_keep_their_own(tmp_path, featu
     assert fused_at_step and set(fused_at_step) == {None}
 
 
+def kill_after(epoch: int, cfg: TrainConfig, split, features: np.ndarray, runs) -> None:
+    """Train ``cfg`` into ``runs`` and kill it once the checkpoint of ``epoch`` is on disk."""
+    class Killed(Exception):
+        pass
+
+    def die(record):
+        if record["epoch"] == epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, split, inputs_for(features), runs, progress=False, on_epoch=die)
+
+
 def test_fit_writes_the_run_and_resumes_exactly(tmp_path, features, sequences):
     split = leave_one_out(sequences, N_ITEMS)
     cfg = tiny_cfg("ssna", max_epochs=3, patience=10)
     whole = fit(cfg, split, inputs_for(features), tmp_path / "a", results_path=tmp_path / "a.parquet",
                 progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def die(record):
-        if record["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, on_epoch=die)
+    kill_after(2, cfg, split, features, tmp_path / "b")
     run_dir = tmp_path / "b" / resolve(cfg)[0].run_key()
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
     with pytest.raises(RuntimeError, match="--resume"):
@@ -326,16 +330,7 @@ def test_lr_decays_restart_from_the_best_checkpoint_and_resume_exactly(tmp_path,
     assert epochs["lr"].to_list() == [1e-9, 1e-9, 5e-10] and whole.row["epochs"] == 3
     assert (whole.run_dir / "best.phase0.pt").is_file() and whole.row["best_epoch"] == 1
     assert whole.run_dir.name != plain.run_dir.name
-
-    class Killed(Exception):
-        pass
-
-    def die(record):
-        if record["epoch"] == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, on_epoch=die)
+    kill_after(3, cfg, split, features, tmp_path / "b")
     resumed = fit(cfg, split, inputs_for(features), tmp_path / "b", progress=False, resume=True)
     assert resumed.resumed_from == 3 and resumed.row["epochs"] == 3
     for key in ("test_R@10", "test_N@50", "valid_R@10", "best_epoch"):
