@@ -326,6 +326,12 @@ def test_sweep_gru_order_renames_only_ssna_runs(prepared):
     assert set(keys("--item-ids")).isdisjoint(keys())
 
 
+def test_sweep_lr_decays_names_other_runs(prepared):
+    plain, decayed = sweep_keys("tmoe"), sweep_keys("tmoe", "--lr-decays", "1")
+    assert plain != decayed and plain == sweep_keys("tmoe", "--lr-decays", "0")
+    assert decayed != sweep_keys("tmoe", "--lr-decays", "1", "--lr-decay-factor", "0.5")
+
+
 def test_sweep_searches_the_shared_settings(prepared):
     """--lr/--temperature/… take comma lists and multiply the grid; their defaults name the default runs."""
     plain = sweep_keys("tmoe,lora")

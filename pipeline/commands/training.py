@@ -148,6 +148,10 @@ def sweep_cmd(
                                         "dropouts (store methods)."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
+    lr_decays: int = typer.Option(_DEFAULTS.lr_decays, "--lr-decays", help="Restarts at a lower rate from the "
+                                  "best checkpoint when patience runs out, per run (0: constant rate, the paper)."),
+    lr_decay_factor: float = typer.Option(_DEFAULTS.lr_decay_factor, "--lr-decay-factor", help="Learning-rate "
+                                          "multiplier of each restart."),
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
@@ -178,6 +182,7 @@ def sweep_cmd(
         for combo in itertools.product(*spaces):
             plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
                                     item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                                    lr_decays=lr_decays, lr_decay_factor=lr_decay_factor,
                                     limit_users=limit_users, autocast=autocast, threads=threads,
                                     **dict(zip(fields + SHARED_GRID, combo, strict=True))))
     # settings a method does not read are reset (train.config.APPLIES_TO), so some combinations are one run
