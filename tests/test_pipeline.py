@@ -328,7 +328,7 @@ def test_sweep_gru_order_renames_only_ssna_runs(prepared):
 
 def test_sweep_lr_decays_names_other_runs(prepared):
     plain, decayed = sweep_keys("tmoe"), sweep_keys("tmoe", "--lr-decays", "1")
-    assert plain != decayed and plain == sweep_keys("tmoe", "--lr-decays", "0")
+    assert plain != decayed and plain == sweep_keys("tmoe", "--lr-decays", "0", "--lr-decay-factor", "0.5")
     assert decayed != sweep_keys("tmoe", "--lr-decays", "1", "--lr-decay-factor", "0.5")
 
 

@@ -103,6 +103,8 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     for key, methods in APPLIES_TO.items():
         if cfg.method not in methods:
             values[key] = defaults[key]
+    if values["lr_decays"] == 0:   # a factor that is never applied names no other run
+        values["lr_decay_factor"] = defaults["lr_decay_factor"]
     return TrainConfig.from_dict(values), source
 
 
