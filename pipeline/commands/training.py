@@ -86,7 +86,8 @@ def train_cmd(
                       temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
                       adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                       lr_decays=lr_decays, lr_decay_factor=lr_decay_factor, limit_users=limit_users, seed=seed,
-                      bucket_by_length=bucket, exclude_history=exclude_history, ties=ties, device=device, autocast=autocast, threads=threads, run_id=run_id)
+                      bucket_by_length=bucket, exclude_history=exclude_history, ties=ties, device=device,
+                      autocast=autocast, threads=threads, run_id=run_id)
     try:
         result = run_training(cfg, resume=resume, restart=restart, progress=progress,
                               gather_negatives=gather_negatives)
