@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from pipeline.commands.evaluation import TIE_RULES
@@ -10,6 +12,12 @@ from train.config import TrainConfig
 _DEFAULTS = TrainConfig()
 _PAPER = "default: the paper's Tables S1–S3 for this dataset × LLM"
 _LOSS_HELP = "inbatch (Eq. 8) or full (softmax over all items)."
+# Options `train` and `sweep` share, declared once
+LrDecays = Annotated[int, typer.Option("--lr-decays", help="Times running out of patience restarts from the best "
+                                       "checkpoint at a lower rate instead of stopping (0: constant rate, the "
+                                       "paper).")]
+LrDecayFactor = Annotated[float, typer.Option("--lr-decay-factor", help="Learning-rate multiplier of each "
+                                              "--lr-decays restart.")]
 
 
 def train_cmd(
@@ -46,11 +54,8 @@ def train_cmd(
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
                                  "before stopping."),
-    lr_decays: int = typer.Option(_DEFAULTS.lr_decays, "--lr-decays", help="Times running out of patience "
-                                  "restarts from the best checkpoint at a lower rate instead of stopping (0: "
-                                  "constant rate, the paper)."),
-    lr_decay_factor: float = typer.Option(_DEFAULTS.lr_decay_factor, "--lr-decay-factor", help="Learning-rate "
-                                          "multiplier of each --lr-decays restart."),
+    lr_decays: LrDecays = _DEFAULTS.lr_decays,
+    lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Stop after this many optimiser steps "
                                          "(bounded run; epoch time extrapolated and flagged)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users (bounded run)."),
@@ -149,10 +154,8 @@ def sweep_cmd(
                                         "dropouts (store methods)."),
     max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
-    lr_decays: int = typer.Option(_DEFAULTS.lr_decays, "--lr-decays", help="Restarts at a lower rate from the "
-                                  "best checkpoint when patience runs out, per run (0: constant rate, the paper)."),
-    lr_decay_factor: float = typer.Option(_DEFAULTS.lr_decay_factor, "--lr-decay-factor", help="Learning-rate "
-                                          "multiplier of each restart."),
+    lr_decays: LrDecays = _DEFAULTS.lr_decays,
+    lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
