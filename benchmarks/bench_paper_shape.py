@@ -98,8 +98,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             # On CPU both runs are profiled (tensor memory), which slows them unevenly: no epoch ratio there.
             "lora_over_ssna_epoch": (lora["seconds_per_epoch"] / ssna["seconds_per_epoch"]
                                      if device != "cpu" else None),
-            "epoch_seconds_how": "both extrapolated from the optimiser steps measured (seconds of the measured "
-                                 "batches / their count × batches_per_epoch)",
+            "epoch_seconds_how": ("both extrapolated from the optimiser steps measured (seconds of the measured "
+                                  "batches / their count × batches_per_epoch)" if device != "cpu" else
+                                  "not epoch estimates: on CPU the runs are profiled, which slows them unevenly, "
+                                  "over each epoch's heaviest batches"),
             "stage_one": prepared["store"],
             "ssna": {k: ssna.get(k) for k in keep}, "lora": {k: lora.get(k) for k in keep},
             "llm": {"config": "transformers.DistilBertConfig() defaults", "weights": "random (seed 0)",
