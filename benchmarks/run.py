@@ -776,7 +776,7 @@ def batch_weight(batch: Any) -> int:
     and the in-loop LLM's grow with."""
     import torch
 
-    return int(torch.unique(torch.cat([batch.history[batch.real()], batch.targets])).numel())
+    return int(torch.unique(batch.touched()).numel())
 
 
 @contextlib.contextmanager

@@ -42,6 +42,10 @@ class Batch:
         steps = torch.arange(self.history.shape[1], device=self.history.device)
         return steps[None, :] < self.lengths[:, None]
 
+    def touched(self) -> torch.Tensor:
+        """Every item the batch reads, with repeats: the real history items in order, then the ``B`` targets."""
+        return torch.cat([self.history[self.real()], self.targets])
+
 
 class Examples:
     """A set of (user, target position) examples over concatenated sequences."""

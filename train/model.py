@@ -38,8 +38,7 @@ class SequentialRecommender(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """User intents ``[B, d]`` and target embeddings ``[B, d]`` (both unnormalised)."""
-        real = batch.real()
-        touched = torch.cat([batch.history[real], batch.targets])
+        touched = batch.touched()
         unique, inverse = torch.unique(touched, return_inverse=True)
         vectors = self.encode_items(unique)
         n_hist = touched.shape[0] - len(batch)
