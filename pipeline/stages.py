@@ -207,7 +207,7 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     scores -inf for its user, as evaluation does, so a short catalogue can leave -inf entries at the end."""
     import torch
 
-    from evaluate.metrics import flatten_histories
+    from evaluate.metrics import exclude_histories, flatten_histories
     from train.data import Batch
 
     lengths = np.array([min(len(h), max_len) for h in histories], dtype=np.int64)
@@ -219,9 +219,7 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     with torch.no_grad():
         scores = model.predict(batch, vectors).float() @ torch.nn.functional.normalize(vectors, dim=-1).T
     if exclude_history:
-        offsets, items = flatten_histories(histories, scores.shape[1])
-        rows = np.repeat(np.arange(len(histories)), np.diff(offsets))
-        scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
+        exclude_histories(scores, *flatten_histories(histories, scores.shape[1]))
     return torch.topk(scores, min(k, scores.shape[1]))
 
 
