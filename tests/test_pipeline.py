@@ -332,6 +332,19 @@ def test_sweep_lr_decays_names_other_runs(prepared):
     assert decayed != sweep_keys("tmoe", "--lr-decays", "1", "--lr-decay-factor", "0.5")
 
 
+def test_grad_checkpointing_trains_the_same_model_in_its_own_run(prepared):
+    """--grad-checkpointing changes memory and time, not the result: its own run folder (Tables 6-7 show both),
+    the same test metrics."""
+    plain = train(prepared, "--method", "ssna")
+    checkpointed = train(prepared, "--method", "ssna", "--grad-checkpointing")
+    assert plain.exit_code == 0 and checkpointed.exit_code == 0, checkpointed.output
+    rows = pl.read_parquet(workspace.home() / "results.parquet").sort("run_id")
+    assert rows.height == 2 and rows["run_id"].n_unique() == 2
+    assert sorted(json.loads(h).get("grad_checkpointing", False) for h in rows["hparams"]) == [False, True]
+    for metric in ("valid_R@10", "test_R@10", "test_N@10", "test_R@50", "test_N@50"):
+        assert rows[metric][0] == rows[metric][1], metric
+
+
 def test_sweep_searches_the_shared_settings(prepared):
     """--lr/--temperature/… take comma lists and multiply the grid; their defaults name the default runs."""
     plain = sweep_keys("tmoe,lora")

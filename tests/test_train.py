@@ -199,6 +199,36 @@ def test_only_the_needed_layers_are_read(method, features):
 
 
 @pytest.mark.parametrize("loss", ["inbatch", "full"])
+@pytest.mark.parametrize("method", STORE_METHODS)
+def test_grad_checkpointing_gives_the_same_gradients_and_saves_less(method, loss, features):
+    batch = make_batch([[1, 2, 3], [4], [5, 6]], [7, 8, 9])
+    runs = []
+    for checkpointing in (False, True):
+        cfg, _ = resolve(tiny_cfg(method, loss=loss, grad_checkpointing=checkpointing))
+        model = build_model(cfg, inputs_for(features), torch.device("cpu")).train()
+        saved = []                    # bytes autograd keeps for backward, the parameters aside
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t, saved=saved, params=params):
+            if t.untyped_storage().data_ptr() not in params:
+                saved.append(t.untyped_storage().nbytes())
+            return t
+
+        torch.manual_seed(1)          # dropout and routing noise, replayed by the recomputation
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_value = model.loss(batch)
+        loss_value.backward()
+        runs.append((loss_value.detach(), sum(saved),
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain_saved, plain_grads), (ckpt_loss, ckpt_saved, ckpt_grads) = runs
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
+    assert ckpt_grads.keys() == plain_grads.keys() and any(n.startswith("item_encoder.") for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=0, atol=0)
+    assert ckpt_saved < plain_saved
+
+
+@pytest.mark.parametrize("loss", ["inbatch", "full"])
 def test_item_ids_add_a_trained_id_embedding(loss):
     twins = np.zeros((N_ITEMS, N_LAYERS, HIDDEN), dtype=np.float16)   # every item has the same text
     cfg, _ = resolve(tiny_cfg("tmoe", item_ids=True, loss=loss))

@@ -58,7 +58,6 @@ class TrainConfig:
     adalora_epochs: int | None = None  # epochs AdaLoRA's rank schedule spans (None: max_epochs; set it near the
     #                                    epochs the run will early-stop at, or the budget is barely pruned by then)
     max_tokens: int = 64              # item text length in tokens for the in-loop LLM (as stage one)
-    grad_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more time)
 
     # --- user side (SASRec)
     d: int = 256                      # item / user embedding size (paper: 256)
@@ -87,6 +86,9 @@ class TrainConfig:
     lr_decay_factor: float = 0.1      # learning-rate multiplier of each such restart
     bucket_by_length: bool = False    # batch examples of similar history length together (less padding)
     preload_features: bool = True     # copy the top-a layers into RAM (else gather rows from the memory map per batch)
+    grad_checkpointing: bool = False  # recompute the item encoder's activations in backward (the LLM's layers, or
+    #                                   the adapters and GRU of the store methods): less memory, more time, the
+    #                                   same gradients
 
     # --- evaluation
     exclude_history: bool = False     # MoRec's protocol: items in the history are not candidates (default: RecBole's)

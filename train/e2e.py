@@ -223,6 +223,8 @@ def build_llm_encoder(kind: str, cfg: TrainConfig, inputs: ItemInputs, device: t
     if getattr(model, "pooler", None) is not None:
         model.pooler = None     # unused (we pool the top layer ourselves); random-init when the weights lack it
     if cfg.grad_checkpointing:
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False      # no decoding cache in an encoder; transformers warns of it otherwise
         enable = getattr(model, "activation_checkpointing_enable", None)   # transformers >= 5.x name
         if enable is not None:
             enable({"use_reentrant": False})

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from train.config import TrainConfig
 from train.modules import MLPAdapter, MoEAdapters
@@ -54,20 +55,30 @@ class FeatureTable:
 
 
 class StoreItemEncoder(nn.Module):
-    """Base of the store-based encoders: ``forward(item_idx) -> [U, d]`` via the feature table."""
+    """Base of the store-based encoders: ``forward(item_idx) -> [U, d]`` via the feature table.
+
+    With ``checkpointing`` (``--grad-checkpointing``) a training forward keeps only its output ``[U, d]`` for
+    backward and runs ``encode`` again there (dropout and routing noise replayed from the saved RNG state), as
+    Hugging Face's gradient checkpointing does for the LLM of the end-to-end baselines: the same gradients, less
+    memory, one more forward pass of the encoder.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.features: FeatureTable | None = None
+        self.checkpointing = False
 
-    def attach(self, features: FeatureTable) -> StoreItemEncoder:
-        self.features = features
+    def attach(self, features: FeatureTable, checkpointing: bool = False) -> StoreItemEncoder:
+        self.features, self.checkpointing = features, checkpointing
         return self
 
     def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
         if self.features is None:
             raise RuntimeError("attach a FeatureTable before encoding items")
-        return self.encode(self.features.gather(item_idx))
+        rows = self.features.gather(item_idx)
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.encode, rows, use_reentrant=False)
+        return self.encode(rows)
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
         """``h [U, a, hidden]`` (``[:, 0]`` = top layer) to item embeddings ``[U, d]``."""
@@ -168,7 +179,8 @@ def store_method(encoder: Callable[[TrainConfig, int], StoreItemEncoder], layers
         if inputs.layers is None:
             raise ValueError(f"method {cfg.method} reads the stage-one store; no store layers were given")
         features = inputs.layers(layers(cfg))
-        return encoder(cfg, features.shape[-1]).attach(FeatureTable(features, inputs.preload, device))
+        return encoder(cfg, features.shape[-1]).attach(FeatureTable(features, inputs.preload, device),
+                                                       checkpointing=cfg.grad_checkpointing)
 
     return build
 

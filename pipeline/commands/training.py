@@ -18,6 +18,9 @@ LrDecays = Annotated[int, typer.Option("--lr-decays", help="Times running out of
                                        "paper).")]
 LrDecayFactor = Annotated[float, typer.Option("--lr-decay-factor", help="Learning-rate multiplier of each "
                                               "--lr-decays restart.")]
+GradCheckpointing = Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute "
+                                                 "the item encoder's activations in backward (the LLM's layers, or "
+                                                 "the adapters and GRU): less memory, more time, same gradients.")]
 
 
 def train_cmd(
@@ -56,6 +59,7 @@ def train_cmd(
                                  "before stopping."),
     lr_decays: LrDecays = _DEFAULTS.lr_decays,
     lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
+    grad_checkpointing: GradCheckpointing = _DEFAULTS.grad_checkpointing,
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Stop after this many optimiser steps "
                                          "(bounded run; epoch time extrapolated and flagged)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users (bounded run)."),
@@ -90,7 +94,8 @@ def train_cmd(
                       loss=loss, lr=lr, weight_decay=weight_decay,
                       temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
                       adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
-                      lr_decays=lr_decays, lr_decay_factor=lr_decay_factor, limit_users=limit_users, seed=seed,
+                      lr_decays=lr_decays, lr_decay_factor=lr_decay_factor, grad_checkpointing=grad_checkpointing,
+                      limit_users=limit_users, seed=seed,
                       bucket_by_length=bucket, exclude_history=exclude_history, ties=ties, device=device,
                       autocast=autocast, threads=threads, run_id=run_id)
     try:
@@ -156,6 +161,7 @@ def sweep_cmd(
     patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
     lr_decays: LrDecays = _DEFAULTS.lr_decays,
     lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
+    grad_checkpointing: GradCheckpointing = _DEFAULTS.grad_checkpointing,
     max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
     limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users."),
     autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
@@ -187,7 +193,7 @@ def sweep_cmd(
             plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
                                     item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                                     lr_decays=lr_decays, lr_decay_factor=lr_decay_factor,
-                                    limit_users=limit_users, autocast=autocast, threads=threads,
+                                    grad_checkpointing=grad_checkpointing, limit_users=limit_users, autocast=autocast, threads=threads,
                                     **dict(zip(fields + SHARED_GRID, combo, strict=True))))
     # settings a method does not read are reset (train.config.APPLIES_TO), so some combinations are one run
     runs: dict[str, TrainConfig] = {}
