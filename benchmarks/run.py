@@ -80,6 +80,8 @@ KEYS: dict[str, KeySpec] = {
     "lora_over_ssna_epoch_ratio": KeySpec("x", (">=", 100.0), "train", "LoRA epoch / SSNA epoch"),
     "ssna_over_lora_peak_memory_ratio": KeySpec("fraction", ("<=", 0.05), "train",
                                                 "SSNA peak training memory / LoRA's"),
+    "ssna_over_lora_peak_memory_ratio_checkpointed": KeySpec("fraction", None, "train", "the same, both with "
+                                                             "--grad-checkpointing"),
     "eval_seconds_sci_test": KeySpec("s", ("<=", 1.0), "eval", "full ranking of every Sci test user"),
     "stage1_scaling_exponent": KeySpec("exponent", ("<=", 1.2), "scaling",
                                        "stage-one time vs catalogue size (log-log slope)"),
@@ -401,7 +403,8 @@ class Context:
         """One training measurement (``train_child``) in a fresh process; returns its JSON result."""
         spec = {"threads": self.threads, "device": self.device, "autocast": self.autocast,
                 "cache_dir": str(self.cache_dir), "runs": str(self.scratch / "runs"), **spec}
-        name = f"{spec['method']}-x{spec.get('scale', 1)}{'-memory' if spec.get('tensor_memory') else ''}"
+        name = (f"{spec['method']}-x{spec.get('scale', 1)}{'-memory' if spec.get('tensor_memory') else ''}"
+                f"{'-checkpointed' if spec.get('grad_checkpointing') else ''}")
         spec_path, out = self.scratch / f"{name}.spec.json", self.scratch / f"{name}.out.json"
         spec_path.write_text(json.dumps(spec))
         self.run([sys.executable, "-m", "benchmarks.run", "--child-spec", str(spec_path), "--child-out", str(out)],
@@ -517,6 +520,7 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
         tmoe = ctx.child({"method": "tmoe", "batch_size": SSNA_BATCH, **store_run})
         lora = ctx.child({"method": "lora", "steps": plan.lora_steps, "epochs": 1})
     memory = _memory_entry(ctx, ssna, lora, hw)
+    checkpointed = _checkpointed_memory_entry(ctx)
     ssna_how, ssna_x, ssna_steps = _train_how(ssna)
     tmoe_how, tmoe_x, _ = _train_how(tmoe)
     lora_how, lora_x, lora_steps = _train_how(lora)
@@ -539,6 +543,7 @@ def group_train(ctx: Context) -> list[dict[str, Any]]:
                    steps=lora_steps, measured=f"LoRA (batch 32 × 8 accumulated): {lora_how}; SSNA: {ssna_how}",
                    values={"lora": brief["lora"], "ssna": brief["ssna"]}),
         memory,
+        checkpointed,
     ]
 
 
@@ -568,6 +573,25 @@ def _memory_entry(ctx: Context, ssna: dict[str, Any], lora: dict[str, Any], hw: 
                 "rss_ratio": s_rss / l_rss, "ssna_rss_mb": s_rss, "lora_rss_mb": l_rss,
                 "ssna_peak_total_mb": s_total, "lora_peak_total_mb": l_total, "total_ratio": s_total / l_total,
                 "rss_measured": "peak RSS (VmHWM) during the timed runs' train.fit above the RSS before it"})
+
+
+def _checkpointed_memory_entry(ctx: Context) -> dict[str, Any]:
+    """SSNA's peak training memory ÷ LoRA's with both recomputing their item encoder's activations in backward
+    (``--grad-checkpointing``: LoRA's LLM layers, SSNA's adapters and GRU), the saving LoRA has at hand: two more
+    runs over each epoch's heaviest batches, profiled on CPU, CUDA max allocated on a GPU."""
+    plan, profiled = ctx.plan, not str(ctx.device).startswith("cuda")
+    common = {"epochs": 1, "tensor_memory": profiled, "heaviest_first": True, "grad_checkpointing": True}
+    with load_window(ctx.hardware) as hw:
+        ssna = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, "steps": plan.memory_steps,
+                          **common})
+        lora = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, **common})
+    s_mb, l_mb = peak_memory_mb(ssna), peak_memory_mb(lora)
+    return make_entry("ssna_over_lora_peak_memory_ratio_checkpointed", s_mb / l_mb, hardware=hw,
+                      extrapolated=False, bounded=True, steps=int(lora["steps"]),
+                      measured=f"{peak_memory_how(ssna, lora)}, both with --grad-checkpointing",
+                      values={"ssna_mb": s_mb, "lora_mb": l_mb, "ssna_steps": int(ssna["steps"]),
+                              "lora_steps": int(lora["steps"]), "ssna_max_unique_items": ssna["max_unique_items"],
+                              "lora_max_unique_items": lora["max_unique_items"]})
 
 
 def cuda_ranking(device: str, repeats: int) -> dict[str, float] | None:
@@ -851,13 +875,14 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
                       batch_size=spec.get("batch_size"), max_steps=spec.get("steps"), max_epochs=spec["epochs"],
                       patience=spec["epochs"], max_tokens=MAX_TOKENS, threads=spec["threads"],
                       autocast=spec["autocast"], device=spec["device"],
+                      grad_checkpointing=bool(spec.get("grad_checkpointing")),
                       run_id=f"bench-{spec['method']}-x{scale}-{os.getpid()}")
     probe = _FitProbe(cuda=torch.cuda.is_available() and spec["device"] != "cpu")
     baseline = proc_status_mb("VmRSS")
     peak_reset = reset_peak_rss()
     memory = bool(spec.get("tensor_memory"))
     tensors = TensorMemoryPeak(Path(spec["runs"])) if memory else contextlib.nullcontext()
-    order = heaviest_batches_first() if memory else contextlib.nullcontext()
+    order = heaviest_batches_first() if memory or spec.get("heaviest_first") else contextlib.nullcontext()
     started = time.perf_counter()
     with probe.installed(), order, tensors:
         result = fit(cfg, split, inputs, Path(spec["runs"]), progress=False)
