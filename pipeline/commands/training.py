@@ -11,8 +11,15 @@ from train.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
 _PAPER = "default: the paper's Tables S1–S3 for this dataset × LLM"
-_LOSS_HELP = "inbatch (Eq. 8) or full (softmax over all items)."
-# Options `train` and `sweep` share, declared once
+# Options `train` and `sweep` share, declared once (sweep applies each to every run of its grid)
+Loss = Annotated[str, typer.Option("--loss", help="inbatch (Eq. 8) or full (softmax over all items).")]
+GruOrder = Annotated[str, typer.Option("--gru-order", help="SSNA's integration order: top_down (Eq. 4) or "
+                                       "bottom_up; the other methods have no GRU and ignore it.")]
+ItemIds = Annotated[bool, typer.Option("--item-ids/--text-only", help="Add a learned ID embedding to each item's "
+                                       "text embedding (UniSRec's transductive setting; not in the paper).")]
+MaxEpochs = Annotated[int, typer.Option("--max-epochs", help="Hard cap on epochs.")]
+Patience = Annotated[int, typer.Option("--patience", help="Epochs without a better validation R@10 before "
+                                       "stopping.")]
 LrDecays = Annotated[int, typer.Option("--lr-decays", help="Times running out of patience restarts from the best "
                                        "checkpoint at a lower rate instead of stopping (0: constant rate, the "
                                        "paper).")]
@@ -21,6 +28,14 @@ LrDecayFactor = Annotated[float, typer.Option("--lr-decay-factor", help="Learnin
 GradCheckpointing = Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute "
                                                  "the item encoder's activations in backward (the LLM's layers, or "
                                                  "the adapters and GRU): less memory, more time, same gradients.")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", show_default="unbounded", help="Stop after this many "
+                                              "optimiser steps (a bounded run: its epoch time is extrapolated and "
+                                              "flagged).")]
+LimitUsers = Annotated[int | None, typer.Option("--limit-users", show_default="all users", help="Train and "
+                                                "evaluate on the first N users only (a bounded run).")]
+Autocast = Annotated[str, typer.Option("--autocast", help="off, bf16, or auto (bf16 where the hardware supports "
+                                       "it).")]
+Threads = Annotated[int | None, typer.Option("--threads", show_default="torch's choice", help="Torch CPU threads.")]
 
 
 def train_cmd(
@@ -39,12 +54,9 @@ def train_cmd(
     adalora_epochs: int | None = typer.Option(None, "--adalora-epochs", show_default="--max-epochs", help="Epochs "
                                               "AdaLoRA's rank schedule spans; set it near where the run will "
                                               "early-stop, or the rank budget is barely pruned by then."),
-    gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA integration order: top_down "
-                                  "(Eq. 4) or bottom_up."),
-    item_ids: bool = typer.Option(_DEFAULTS.item_ids, "--item-ids/--text-only", help="Add a learned ID "
-                                  "embedding to each item's text embedding (UniSRec's transductive setting; "
-                                  "not in the paper)."),
-    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
+    gru_order: GruOrder = _DEFAULTS.gru_order,
+    item_ids: ItemIds = _DEFAULTS.item_ids,
+    loss: Loss = _DEFAULTS.loss,
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
     weight_decay: float = typer.Option(_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay."),
     temperature: float = typer.Option(_DEFAULTS.temperature, "--temperature", help="τ of the loss (Eq. 8)."),
@@ -54,15 +66,13 @@ def train_cmd(
                                        "attention weights."),
     adapter_dropout: float = typer.Option(_DEFAULTS.adapter_dropout, "--adapter-dropout", help="Adapter dropout "
                                           "on the LLM layer before the whitening shift."),
-    max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs."),
-    patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Epochs without a better valid R@10 "
-                                 "before stopping."),
+    max_epochs: MaxEpochs = _DEFAULTS.max_epochs,
+    patience: Patience = _DEFAULTS.patience,
     lr_decays: LrDecays = _DEFAULTS.lr_decays,
     lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
     grad_checkpointing: GradCheckpointing = _DEFAULTS.grad_checkpointing,
-    max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Stop after this many optimiser steps "
-                                         "(bounded run; epoch time extrapolated and flagged)."),
-    limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users (bounded run)."),
+    max_steps: MaxSteps = None,
+    limit_users: LimitUsers = None,
     seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Random seed."),
     bucket: bool = typer.Option(_DEFAULTS.bucket_by_length, "--bucket/--no-bucket", help="Batch histories of "
                                 "similar length together."),
@@ -70,8 +80,8 @@ def train_cmd(
                                          help="MoRec's protocol (seen items are not candidates) or RecBole's."),
     ties: str = typer.Option(_DEFAULTS.ties, "--ties", help=f"Tie rule in validation and test ranking: {TIE_RULES}."),
     device: str = typer.Option(_DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16, or auto (bf16 where the hardware supports it)."),
-    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
+    autocast: Autocast = _DEFAULTS.autocast,
+    threads: Threads = None,
     run_id: str | None = typer.Option(None, "--run-id", show_default="derived from the settings", help="Run folder name."),
     resume: bool = typer.Option(False, "--resume", show_default="off", help="Continue an interrupted run from its last checkpoint."),
     restart: bool = typer.Option(False, "--restart", show_default="off", help="Discard the run's previous state and start over."),
@@ -143,11 +153,9 @@ def sweep_cmd(
     n_t_values: str = typer.Option("", "--n-t", help="Full's top layers; empty = the paper's best."),
     paper_grid: bool = typer.Option(False, "--paper-grid", show_default="off", help="Search the paper's whole spaces: b in 32..256, "
                                     "a in {2,3}, n_l in {1,2,3}, p in {.1,.2,.3}, n_t in {2,4,6}."),
-    loss: str = typer.Option(_DEFAULTS.loss, "--loss", help=_LOSS_HELP),
-    gru_order: str = typer.Option(_DEFAULTS.gru_order, "--gru-order", help="SSNA's integration order: top_down "
-                                  "(Eq. 4) or bottom_up; the other methods have no GRU and ignore it."),
-    item_ids: bool = typer.Option(_DEFAULTS.item_ids, "--item-ids/--text-only", help="Add a learned ID "
-                                  "embedding to each item's text embedding (not in the paper)."),
+    loss: Loss = _DEFAULTS.loss,
+    gru_order: GruOrder = _DEFAULTS.gru_order,
+    item_ids: ItemIds = _DEFAULTS.item_ids,
     lr: str = typer.Option(str(_DEFAULTS.lr), "--lr", help="Adam learning rates, comma-separated."),
     temperature: str = typer.Option(str(_DEFAULTS.temperature), "--temperature", help="Loss temperatures τ."),
     weight_decay: str = typer.Option(str(_DEFAULTS.weight_decay), "--weight-decay", help="Adam weight decays."),
@@ -157,15 +165,15 @@ def sweep_cmd(
                                      "dropouts."),
     adapter_dropout: str = typer.Option(str(_DEFAULTS.adapter_dropout), "--adapter-dropout", help="Adapter "
                                         "dropouts (store methods)."),
-    max_epochs: int = typer.Option(_DEFAULTS.max_epochs, "--max-epochs", help="Hard cap on epochs per run."),
-    patience: int = typer.Option(_DEFAULTS.patience, "--patience", help="Early-stopping patience."),
+    max_epochs: MaxEpochs = _DEFAULTS.max_epochs,
+    patience: Patience = _DEFAULTS.patience,
     lr_decays: LrDecays = _DEFAULTS.lr_decays,
     lr_decay_factor: LrDecayFactor = _DEFAULTS.lr_decay_factor,
     grad_checkpointing: GradCheckpointing = _DEFAULTS.grad_checkpointing,
-    max_steps: int | None = typer.Option(None, "--max-steps", show_default="unbounded", help="Bound each run (epoch time extrapolated)."),
-    limit_users: int | None = typer.Option(None, "--limit-users", show_default="all users", help="Use only the first N users."),
-    autocast: str = typer.Option(_DEFAULTS.autocast, "--autocast", help="off, bf16 or auto."),
-    threads: int | None = typer.Option(None, "--threads", show_default="torch's choice", help="Torch CPU threads."),
+    max_steps: MaxSteps = None,
+    limit_users: LimitUsers = None,
+    autocast: Autocast = _DEFAULTS.autocast,
+    threads: Threads = None,
     dry_run: bool = typer.Option(False, "--dry-run", show_default="off", help="List the runs without training."),
 ) -> None:
     """Run a grid; runs already finished (result.json in their folder) are skipped, so a rerun resumes it."""
