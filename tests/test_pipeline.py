@@ -333,8 +333,8 @@ def test_sweep_lr_decays_names_other_runs(prepared):
 
 
 def test_grad_checkpointing_trains_the_same_model_in_its_own_run(prepared):
-    """--grad-checkpointing changes memory and time, not the result: its own run folder (Tables 6-7 show both),
-    the same test metrics."""
+    """--grad-checkpointing changes memory and time, not the result: its own run folder and results row (the
+    time and memory they record differ), the same metrics."""
     plain = train(prepared, "--method", "ssna")
     checkpointed = train(prepared, "--method", "ssna", "--grad-checkpointing")
     assert plain.exit_code == 0 and checkpointed.exit_code == 0, checkpointed.output
