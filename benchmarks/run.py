@@ -556,20 +556,13 @@ def _memory_entry(ctx: Context, ssna: dict[str, Any], lora: dict[str, Any], hw: 
         return make_entry("ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=hw, extrapolated=False,
                           bounded=True, steps=int(lora["steps"]), measured=peak_memory_how(ssna, lora),
                           values={"ssna_mb": s_mb, "lora_mb": l_mb})
-    plan = ctx.plan
-    with load_window(ctx.hardware) as profiled_hw:
-        ssna_p = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, "steps": plan.memory_steps,
-                            "epochs": 1, "tensor_memory": True})
-        lora_p = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, "epochs": 1, "tensor_memory": True})
-    s_mb, l_mb = peak_memory_mb(ssna_p), peak_memory_mb(lora_p)
+    ssna_p, lora_p, profiled_hw = _memory_children(ctx, tensor_memory=True)
     (s_rss, s_total), (l_rss, l_total) = _rss_mb(ssna), _rss_mb(lora)
     return make_entry(
-        "ssna_over_lora_peak_memory_ratio", s_mb / l_mb, hardware=profiled_hw, extrapolated=False, bounded=True,
-        steps=int(lora_p["steps"]), measured=peak_memory_how(ssna_p, lora_p),
-        values={"ssna_mb": s_mb, "lora_mb": l_mb, "ssna_tensor_peak_mb": ssna_p["tensor_peak_mb"],
+        "ssna_over_lora_peak_memory_ratio", peak_memory_mb(ssna_p) / peak_memory_mb(lora_p), hardware=profiled_hw,
+        extrapolated=False, bounded=True, steps=int(lora_p["steps"]), measured=peak_memory_how(ssna_p, lora_p),
+        values={**_memory_values(ssna_p, lora_p), "ssna_tensor_peak_mb": ssna_p["tensor_peak_mb"],
                 "ssna_feature_table_mb": ssna_p["feature_table_mb"], "lora_tensor_peak_mb": lora_p["tensor_peak_mb"],
-                "ssna_steps": int(ssna_p["steps"]), "lora_steps": int(lora_p["steps"]),
-                "ssna_max_unique_items": ssna_p["max_unique_items"], "lora_max_unique_items": lora_p["max_unique_items"],
                 "rss_ratio": s_rss / l_rss, "ssna_rss_mb": s_rss, "lora_rss_mb": l_rss,
                 "ssna_peak_total_mb": s_total, "lora_peak_total_mb": l_total, "total_ratio": s_total / l_total,
                 "rss_measured": "peak RSS (VmHWM) during the timed runs' train.fit above the RSS before it"})
@@ -579,19 +572,30 @@ def _checkpointed_memory_entry(ctx: Context) -> dict[str, Any]:
     """SSNA's peak training memory ÷ LoRA's with both recomputing their item encoder's activations in backward
     (``--grad-checkpointing``: LoRA's LLM layers, SSNA's adapters and GRU), the saving LoRA has at hand: two more
     runs over each epoch's heaviest batches, profiled on CPU, CUDA max allocated on a GPU."""
-    plan, profiled = ctx.plan, not str(ctx.device).startswith("cuda")
-    common = {"epochs": 1, "tensor_memory": profiled, "heaviest_first": True, "grad_checkpointing": True}
+    ssna, lora, hw = _memory_children(ctx, tensor_memory=not str(ctx.device).startswith("cuda"),
+                                      heaviest_first=True, grad_checkpointing=True)
+    return make_entry("ssna_over_lora_peak_memory_ratio_checkpointed", peak_memory_mb(ssna) / peak_memory_mb(lora),
+                      hardware=hw, extrapolated=False, bounded=True, steps=int(lora["steps"]),
+                      measured=f"{peak_memory_how(ssna, lora)}, both with --grad-checkpointing",
+                      values=_memory_values(ssna, lora))
+
+
+def _memory_children(ctx: Context, **spec: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The SSNA and LoRA children of a memory comparison (the plan's memory steps, SPEC added to both), and the
+    hardware record of their load window."""
+    plan = ctx.plan
     with load_window(ctx.hardware) as hw:
         ssna = ctx.child({"method": "ssna", "batch_size": SSNA_BATCH, "a": SSNA_A, "steps": plan.memory_steps,
-                          **common})
-        lora = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, **common})
-    s_mb, l_mb = peak_memory_mb(ssna), peak_memory_mb(lora)
-    return make_entry("ssna_over_lora_peak_memory_ratio_checkpointed", s_mb / l_mb, hardware=hw,
-                      extrapolated=False, bounded=True, steps=int(lora["steps"]),
-                      measured=f"{peak_memory_how(ssna, lora)}, both with --grad-checkpointing",
-                      values={"ssna_mb": s_mb, "lora_mb": l_mb, "ssna_steps": int(ssna["steps"]),
-                              "lora_steps": int(lora["steps"]), "ssna_max_unique_items": ssna["max_unique_items"],
-                              "lora_max_unique_items": lora["max_unique_items"]})
+                          "epochs": 1, **spec})
+        lora = ctx.child({"method": "lora", "steps": plan.memory_lora_steps, "epochs": 1, **spec})
+    return ssna, lora, hw
+
+
+def _memory_values(ssna: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
+    """What both memory entries record of their two children."""
+    return {"ssna_mb": peak_memory_mb(ssna), "lora_mb": peak_memory_mb(lora), "ssna_steps": int(ssna["steps"]),
+            "lora_steps": int(lora["steps"]), "ssna_max_unique_items": ssna["max_unique_items"],
+            "lora_max_unique_items": lora["max_unique_items"]}
 
 
 def cuda_ranking(device: str, repeats: int) -> dict[str, float] | None:
