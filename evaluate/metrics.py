@@ -6,7 +6,8 @@ paired significance tests are possible, and averaged by the caller.
 
 History items. The default follows RecBole/UniSRec: items already in the user's history stay candidates.
 ``exclude_history=True`` follows MoRec: history items are removed from the candidates (score -inf), except
-the target itself, which is never excluded even when the user interacted with it before.
+the target itself, which is never excluded even when the user interacted with it before. A model with a learned
+score for items seen before (``history_bonus``) adds it to those items' scores; they stay candidates.
 
 Ties. ``ties="pessimistic"`` (default) counts every other item scoring >= the target's score as ranked
 above it, so rank = 1 + #{i != target : s_i >= s_target}. A constant scorer therefore gets rank N for every
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from evaluate import DEFAULT_TIES, METRIC_NAMES, TIE_MODES
 
-__all__ = ["DEFAULT_TIES", "METRIC_NAMES", "TIE_MODES", "full_ranking", "mean_metrics", "metric_names", "target_ranks", "topk_metrics"]
+__all__ = ["DEFAULT_TIES", "METRIC_NAMES", "TIE_MODES", "add_to_histories", "full_ranking", "mean_metrics", "metric_names", "target_ranks", "topk_metrics"]
 
 
 def metric_names(ks: Sequence[int] = (10, 50)) -> tuple[str, ...]:
@@ -130,18 +131,34 @@ def flatten_histories(histories: Sequence[np.ndarray], n_items: int) -> tuple[np
     return offsets, items
 
 
+def _history_cells(offsets: np.ndarray, items: np.ndarray,
+                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) of every history entry of the rows ``offsets`` [B + 1] index into ``items``
+    (``flatten_histories``' layout), less padding (negative entries) and each row's ``keep`` item where given."""
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    item = items[offsets[0] : offsets[-1]]
+    take = item >= 0
+    if keep is not None:
+        take &= item != keep[rows]
+    return rows[take], item[take]
+
+
 def exclude_histories(scores: torch.Tensor, offsets: np.ndarray, items: np.ndarray,
                       keep: np.ndarray | None = None) -> None:
     """Set ``scores[u, i] = -inf`` in place for every item i of row u's history (``flatten_histories``' layout
     for these rows: ``offsets`` [B + 1] into ``items``), skipping padding (negative entries) and each row's
     ``keep`` item (the target, where given). Cheaper than a [B, N] mask."""
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    item = items[offsets[0] : offsets[-1]]
-    drop = item >= 0
-    if keep is not None:
-        drop &= item != keep[rows]
-    device = scores.device
-    scores[torch.from_numpy(rows[drop]).to(device), torch.from_numpy(item[drop]).to(device)] = -torch.inf
+    rows, item = (torch.from_numpy(a).to(scores.device) for a in _history_cells(offsets, items, keep))
+    scores[rows, item] = -torch.inf
+
+
+def add_to_histories(scores: torch.Tensor, offsets: np.ndarray, items: np.ndarray, value: float) -> None:
+    """Add ``value`` in place to ``scores[u, i]`` for every item i of row u's history (layout as in
+    :func:`exclude_histories`), once per item however often the history repeats it: a model's learned score
+    for items already seen (a repeat bias)."""
+    rows, item = (torch.from_numpy(a).to(scores.device) for a in _history_cells(offsets, items))
+    # a repeated (row, item) pair writes the same sum twice: each cell gains ``value`` once
+    scores[rows, item] = scores[rows, item] + value
 
 
 def full_ranking(
@@ -154,13 +171,16 @@ def full_ranking(
     batch_size: int = 4096,
     ks: Sequence[int] = (10, 50),
     ties: str = DEFAULT_TIES,
+    history_bonus: tuple[Sequence[np.ndarray], float] | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Rank every item for every user and return per-user R@k and N@k (float64 arrays of length U).
 
     Scores are ``user_vecs @ item_vecs.T`` in float32 on ``item_vecs``' device, computed for ``batch_size``
     users at a time. ``exclude_history=True`` (MoRec's convention) needs ``histories``: one array of item
-    indices per user; the target is never excluded. See the module docstring for the tie convention.
+    indices per user; the target is never excluded. ``history_bonus`` = (one array of item indices per user,
+    value) adds the value to the scores of those items first: a model's learned score for items it has seen in
+    the user's history (``train`` ``--history-bias``). See the module docstring for the tie convention.
     """
     if user_vecs.dim() != 2 or item_vecs.dim() != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
         raise ValueError(f"need user_vecs [U, d] and item_vecs [N, d]; got {tuple(user_vecs.shape)} and {tuple(item_vecs.shape)}")
@@ -177,6 +197,11 @@ def full_ranking(
         if len(histories) != n_users:
             raise ValueError(f"{len(histories)} histories for {n_users} users")
         index = flatten_histories(histories, n_items)
+    bonus = None
+    if history_bonus is not None:
+        if len(history_bonus[0]) != n_users:
+            raise ValueError(f"{len(history_bonus[0])} bonus histories for {n_users} users")
+        bonus = (*flatten_histories(history_bonus[0], n_items), float(history_bonus[1]))
 
     device = item_vecs.device
     targets_np = targets.numpy()
@@ -187,6 +212,9 @@ def full_ranking(
         for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress, leave=False):
             stop = min(start + batch_size, n_users)
             scores = user_vecs[start:stop].detach().to(device).float() @ items_t
+            if bonus is not None:
+                offsets, items, value = bonus
+                add_to_histories(scores, offsets[start : stop + 1], items, value)
             if index is not None:          # the target itself is never excluded
                 offsets, items = index
                 exclude_histories(scores, offsets[start : stop + 1], items, keep=targets_np[start:stop])

@@ -207,7 +207,7 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     scores -inf for its user, as evaluation does, so a short catalogue can leave -inf entries at the end."""
     import torch
 
-    from evaluate.metrics import exclude_histories, flatten_histories
+    from evaluate.metrics import add_to_histories, exclude_histories, flatten_histories
     from train.data import Batch
 
     lengths = np.array([min(len(h), max_len) for h in histories], dtype=np.int64)
@@ -218,6 +218,10 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     batch = Batch(torch.from_numpy(padded), torch.from_numpy(lengths), none, none)
     with torch.no_grad():
         scores = model.predict(batch, vectors).float() @ torch.nn.functional.normalize(vectors, dim=-1).T
+    bonus = model.history_score()
+    if bonus is not None:       # the model's learned score for the items it read
+        add_to_histories(scores, *flatten_histories([h[len(h) - n:] for h, n in zip(histories, lengths, strict=True)],
+                                                    scores.shape[1]), bonus)
     if exclude_history:
         exclude_histories(scores, *flatten_histories(histories, scores.shape[1]))
     return torch.topk(scores, min(k, scores.shape[1]))

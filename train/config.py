@@ -21,7 +21,7 @@ IDENTITY_FIELDS = frozenset({"method", "dataset", "llm", "seed"})
 # value the setting is left out of its id and its recorded hparams, so that adding a setting renames no run and
 # splits no group of seeds.
 ADDED_LATER: dict[str, Any] = {"adalora_epochs": None, "item_ids": False, "ties": DEFAULT_TIES, "lr_decays": 0,
-                               "lr_decay_factor": 0.1}
+                               "lr_decay_factor": 0.1, "history_bias": False}
 # Settings only some methods read: for the others train.loop.resolve resets them to their default, so that giving
 # one (say --gru-order to TMoE) neither renames the run nor splits its seeds.
 APPLIES_TO: dict[str, frozenset[str]] = {
@@ -71,6 +71,8 @@ class TrainConfig:
     # --- objective
     temperature: float = 0.07         # τ in Eq. 8
     loss: str = "inbatch"             # inbatch (Eq. 8: other sequences' targets are negatives) | full (softmax over all items)
+    history_bias: bool = False        # learn one score added to the cosine of every item the history holds (how much
+    #                                   less, or more, likely a repeat is than its cosine says; beyond the paper)
 
     # --- optimisation
     lr: float = 3e-4                  # Adam learning rate (paper)

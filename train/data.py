@@ -42,6 +42,14 @@ class Batch:
         steps = torch.arange(self.history.shape[1], device=self.history.device)
         return steps[None, :] < self.lengths[:, None]
 
+    def history_mask(self, n_items: int) -> torch.Tensor:
+        """``[B, n_items]`` True where the item is among the sequence's real history items."""
+        real = self.real()
+        rows = torch.arange(len(self), device=self.history.device)[:, None].expand_as(self.history)
+        mask = torch.zeros(len(self), n_items, dtype=torch.bool, device=self.history.device)
+        mask[rows[real], self.history[real]] = True
+        return mask
+
     def touched(self) -> torch.Tensor:
         """Every item the batch reads, with repeats: the real history items in order, then the ``B`` targets."""
         return torch.cat([self.history[self.real()], self.targets])
@@ -81,6 +89,11 @@ class Examples:
         excludes from the candidates. Longer than the model's input (the last ``max_len``) for long histories."""
         starts = self.offsets[self.users]
         return [self.items[s:s + n] for s, n in zip(starts, self.positions, strict=True)]
+
+    def inputs(self) -> list[np.ndarray]:
+        """Each example's history as the model reads it: the last ``max_len`` items before the target."""
+        ends = self.offsets[self.users] + self.positions
+        return [self.items[e - n:e] for e, n in zip(ends, self.lengths, strict=True)]
 
     def shard(self, rank: int, world: int) -> Examples:
         """Rank RANK's contiguous share of the examples among WORLD ranks (``np.array_split`` layout)."""

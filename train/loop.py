@@ -177,9 +177,11 @@ def evaluate_examples(model: SequentialRecommender, examples: Examples, cfg: Tra
     users = torch.cat([model.predict(batch.to(device), vectors) for batch in examples.batches(512)]
                       or [vectors.new_zeros(0, vectors.shape[1])])
     targets = torch.from_numpy(examples.targets())
+    bonus = model.history_score()
     per_user = full_ranking(users, torch.nn.functional.normalize(vectors, dim=-1), targets,
                             histories=examples.histories() if cfg.exclude_history else None,
-                            exclude_history=cfg.exclude_history, ties=cfg.ties, batch_size=cfg.eval_batch_size)
+                            exclude_history=cfg.exclude_history, ties=cfg.ties, batch_size=cfg.eval_batch_size,
+                            history_bonus=None if bonus is None else (examples.inputs(), bonus))
     if world == 1:
         return per_user
     names = list(per_user)

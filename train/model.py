@@ -21,7 +21,11 @@ class SequentialRecommender(nn.Module):
 
     Per batch only the unique items the batch touches (histories and targets) are encoded, then gathered.
     With ``cfg.item_ids`` an item's embedding is its adapted text embedding plus a learned ID embedding
-    (UniSRec's transductive setting), for history and candidates alike.
+    (UniSRec's transductive setting), for history and candidates alike. With ``cfg.history_bias`` a learned
+    scalar b is added to the score cos(u, v) of every item in the sequence's history (the items the model reads),
+    so its logit is (cos + b)/τ: how much less (b < 0) or more likely a repeat is than its cosine says, in training
+    and in ranking alike. It lives on the cosine scale so that Adam's steps (about lr each) move it as fast as the
+    cosines move; on the logit scale it would need 1/τ times as many.
     """
 
     def __init__(self, item_encoder: nn.Module, cfg: TrainConfig, n_items: int):
@@ -32,6 +36,7 @@ class SequentialRecommender(nn.Module):
         self.id_embedding = nn.Embedding(n_items, cfg.d) if cfg.item_ids else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)   # SASRec's (and UniSRec's) embedding init
+        self.history_bias = nn.Parameter(torch.zeros(())) if cfg.history_bias else None
         self.n_items, self.temperature, self.loss_kind = n_items, cfg.temperature, cfg.loss
         if cfg.loss not in ("inbatch", "full"):
             raise ValueError(f"loss must be inbatch or full, got {cfg.loss!r}")
@@ -58,17 +63,30 @@ class SequentialRecommender(nn.Module):
         users, targets = F.normalize(users.float(), dim=-1), targets.float()
         if self.loss_kind == "full":
             logits = users @ F.normalize(self.item_vectors(), dim=-1).T / self.temperature
-            return F.cross_entropy(logits, batch.targets)
+            return F.cross_entropy(self._with_history_bias(logits, batch), batch.targets)
         negatives, negative_ids, offset = F.normalize(targets, dim=-1), batch.targets, 0
         if gather is not None:
             (negatives, negative_ids), offset = gather(negatives, negative_ids)
-        logits = users @ negatives.T / self.temperature
+        logits = self._with_history_bias(users @ negatives.T / self.temperature, batch, negative_ids)
         rows = torch.arange(len(batch), device=logits.device)
         labels = rows + offset
         # Another sequence whose target is this sequence's positive is not a negative: mask it out.
         duplicate = batch.targets[:, None] == negative_ids[None, :]
         duplicate[rows, labels] = False
         return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), labels)
+
+    def _with_history_bias(self, logits: torch.Tensor, batch: Batch,
+                           candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` [B, C] over every item (or over the item ids ``candidates`` [C]) plus b/τ where the item is in
+        the row's history; unchanged without a history bias."""
+        if self.history_bias is None:
+            return logits
+        seen = batch.history_mask(self.n_items)
+        return logits + self.history_bias / self.temperature * (seen if candidates is None else seen[:, candidates])
+
+    def history_score(self) -> float | None:
+        """The learned history bias b (added to the cosine of the items of a history), or None without one."""
+        return None if self.history_bias is None else float(self.history_bias)
 
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
         """Item embeddings v* ``[U, d]`` of ``item_idx`` (the item encoder's, plus the ID embedding if any)."""

@@ -17,6 +17,9 @@ GruOrder = Annotated[str, typer.Option("--gru-order", help="SSNA's integration o
                                        "bottom_up; the other methods have no GRU and ignore it.")]
 ItemIds = Annotated[bool, typer.Option("--item-ids/--text-only", help="Add a learned ID embedding to each item's "
                                        "text embedding (UniSRec's transductive setting; not in the paper).")]
+HistoryBias = Annotated[bool, typer.Option("--history-bias/--no-history-bias", help="Learn one score added to every "
+                                           "item of the history the model reads, in training and ranking (how "
+                                           "likely a repeat is; not in the paper).")]
 MaxEpochs = Annotated[int, typer.Option("--max-epochs", help="Hard cap on epochs.")]
 Patience = Annotated[int, typer.Option("--patience", help="Epochs without a better validation R@10 before "
                                        "stopping.")]
@@ -56,6 +59,7 @@ def train_cmd(
                                               "early-stop, or the rank budget is barely pruned by then."),
     gru_order: GruOrder = _DEFAULTS.gru_order,
     item_ids: ItemIds = _DEFAULTS.item_ids,
+    history_bias: HistoryBias = _DEFAULTS.history_bias,
     loss: Loss = _DEFAULTS.loss,
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Adam learning rate."),
     weight_decay: float = typer.Option(_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay."),
@@ -101,7 +105,7 @@ def train_cmd(
 
     cfg = TrainConfig(method=method, dataset=dataset, llm=llm, a=a, batch_size=batch_size, n_l=n_l, p=p, n_t=n_t,
                       grad_accum=grad_accum, adalora_epochs=adalora_epochs, gru_order=gru_order, item_ids=item_ids,
-                      loss=loss, lr=lr, weight_decay=weight_decay,
+                      history_bias=history_bias, loss=loss, lr=lr, weight_decay=weight_decay,
                       temperature=temperature, hidden_dropout=hidden_dropout, attn_dropout=attn_dropout,
                       adapter_dropout=adapter_dropout, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                       lr_decays=lr_decays, lr_decay_factor=lr_decay_factor, grad_checkpointing=grad_checkpointing,
@@ -156,6 +160,7 @@ def sweep_cmd(
     loss: Loss = _DEFAULTS.loss,
     gru_order: GruOrder = _DEFAULTS.gru_order,
     item_ids: ItemIds = _DEFAULTS.item_ids,
+    history_bias: HistoryBias = _DEFAULTS.history_bias,
     lr: str = typer.Option(str(_DEFAULTS.lr), "--lr", help="Adam learning rates, comma-separated."),
     temperature: str = typer.Option(str(_DEFAULTS.temperature), "--temperature", help="Loss temperatures τ."),
     weight_decay: str = typer.Option(str(_DEFAULTS.weight_decay), "--weight-decay", help="Adam weight decays."),
@@ -199,7 +204,7 @@ def sweep_cmd(
         spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields] + shared
         for combo in itertools.product(*spaces):
             plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
-                                    item_ids=item_ids, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                                    item_ids=item_ids, history_bias=history_bias, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
                                     lr_decays=lr_decays, lr_decay_factor=lr_decay_factor,
                                     grad_checkpointing=grad_checkpointing, limit_users=limit_users, autocast=autocast, threads=threads,
                                     **dict(zip(fields + SHARED_GRID, combo, strict=True))))
