@@ -34,7 +34,8 @@ FIGURES: tuple[tuple[str, str], ...] = (
 
 def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence[str] | None = None,
                  llms: Sequence[str] | None = None, loss: str = DEFAULT_LOSS, item_ids: bool = False,
-                 history: str = DEFAULT_HISTORY, ties: str = DEFAULT_TIES, per_user_loader: PerUserLoader = read_per_user,
+                 history: str = DEFAULT_HISTORY, ties: str = DEFAULT_TIES, history_bias: bool = False,
+                 per_user_loader: PerUserLoader = read_per_user,
                  epochs_loader: Callable[[Path], pl.DataFrame] = read_epochs, source: str | None = None) -> Path:
     """Write tables.md/.txt, the three figures and report.md into ``reports_dir``; return report.md's path.
 
@@ -42,9 +43,9 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
     report is removed so the page never links an outdated figure.
     """
     reports_dir = Path(reports_dir)
-    results = filter_results(results, datasets, llms, loss, item_ids, history, ties)
+    results = filter_results(results, datasets, llms, loss, item_ids, history, ties, history_bias)
     tables = build_tables(results, loss=loss, item_ids=item_ids, history=history, ties=ties,
-                          per_user_loader=per_user_loader)
+                          history_bias=history_bias, per_user_loader=per_user_loader)
     write_tables(tables, reports_dir)
     makers = {
         "fig3_layers.png": lambda p: plot_fig3(results, p),
@@ -59,6 +60,7 @@ def write_report(results: pl.DataFrame, reports_dir: Path, *, datasets: Sequence
         f"Generated {now} from {n_runs} finished run(s)" + (f" in `{source}`" if source else "")
         + f" trained with the loss {loss} ({LOSS_LABELS[loss]})"
         + (", items with a learned ID embedding (--item-ids)" if item_ids else "")
+        + (", a learned score for history items (--history-bias)" if history_bias else "")
         + f"; candidates: every item, {HISTORY_LABELS[history]}"
         + ("." if ties == DEFAULT_TIES else f"; ties: {TIES_LABELS[ties]}."),
     ]

@@ -17,7 +17,8 @@ Tables 6–7, its metrics nowhere (a method with bounded runs only shows "—" i
 
 The tables compare runs trained with one loss (default the paper's in-batch Eq. 8): a method trained with the
 full softmax is not a better configuration of the same experiment, so the two never share a table. Likewise
-runs whose items carry a learned ID embedding (``item_ids``) never share a table with text-only runs (default).
+runs whose items carry a learned ID embedding (``item_ids``) never share a table with text-only runs (default), and
+runs that learned a score for history items (``history_bias``) never share one with runs that did not (default).
 """
 
 from __future__ import annotations
@@ -525,17 +526,19 @@ def run_ties(hparams_json: str | None) -> str:
     return str(hparam(hparams_json, "ties") or DEFAULT_TIES)
 
 
-def run_item_ids(hparams_json: str | None) -> bool:
-    """Whether a run's items carried a learned ID embedding (its ``item_ids`` hparam; False when absent)."""
-    return bool(hparam(hparams_json, "item_ids"))
+def run_flag(hparams_json: str | None, name: str) -> bool:
+    """A run's on/off model setting ``name`` (``item_ids``, ``history_bias``; False when absent: runs recorded
+    before the setting existed had it off)."""
+    return bool(hparam(hparams_json, name))
 
 
 def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: Sequence[str] | None,
                    loss: str | None = DEFAULT_LOSS, item_ids: bool | None = False,
-                   history: str | None = DEFAULT_HISTORY, ties: str | None = DEFAULT_TIES) -> pl.DataFrame:
+                   history: str | None = DEFAULT_HISTORY, ties: str | None = DEFAULT_TIES,
+                   history_bias: bool | None = False) -> pl.DataFrame:
     """Keep the rows of the given datasets and LLMs (all when None or empty) trained with ``loss``, with or
-    without item ID embeddings as ``item_ids`` says, and evaluated under the candidate protocol ``history`` and
-    the tie rule ``ties`` (each: any when None)."""
+    without item ID embeddings and a learned history bias as ``item_ids`` and ``history_bias`` say, and evaluated
+    under the candidate protocol ``history`` and the tie rule ``ties`` (each: any when None)."""
     for wanted, check, of_run in ((ties, check_ties, run_ties), (history, check_history, run_history),
                                   (loss, check_loss, run_loss)):
         if wanted is None:
@@ -543,8 +546,10 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
         check(wanted)
         if not results.is_empty():
             results = results.filter(pl.col("hparams").map_elements(of_run, return_dtype=pl.String) == wanted)
-    if item_ids is not None and not results.is_empty():
-        results = results.filter(pl.col("hparams").map_elements(run_item_ids, return_dtype=pl.Boolean) == item_ids)
+    for name, wanted_flag in (("item_ids", item_ids), ("history_bias", history_bias)):
+        if wanted_flag is not None and not results.is_empty():
+            results = results.filter(pl.col("hparams").map_elements(lambda h, n=name: run_flag(h, n),
+                                                                     return_dtype=pl.Boolean) == wanted_flag)
     if datasets:
         results = results.filter(pl.col("dataset").is_in(list(datasets)))
     if llms:
@@ -554,10 +559,11 @@ def filter_results(results: pl.DataFrame, datasets: Sequence[str] | None, llms: 
 
 def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None, llms: Sequence[str] | None = None,
                  loss: str = DEFAULT_LOSS, item_ids: bool = False, history: str = DEFAULT_HISTORY,
-                 ties: str = DEFAULT_TIES, per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
-    """All tables that the runs trained with ``loss`` (and ``item_ids``) and evaluated under ``history`` and
-    ``ties`` support, filtered to ``datasets`` / ``llms`` when given."""
-    results = filter_results(results, datasets, llms, loss, item_ids, history, ties)
+                 ties: str = DEFAULT_TIES, history_bias: bool = False,
+                 per_user_loader: PerUserLoader = read_per_user) -> list[Table]:
+    """All tables that the runs trained with ``loss`` (and ``item_ids``, ``history_bias``) and evaluated under
+    ``history`` and ``ties`` support, filtered to ``datasets`` / ``llms`` when given."""
+    results = filter_results(results, datasets, llms, loss, item_ids, history, ties, history_bias)
     summary = summarise(results)
     if summary.is_empty():
         return []
@@ -568,6 +574,9 @@ def build_tables(results: pl.DataFrame, *, datasets: Sequence[str] | None = None
     for table in tables:
         table.notes.append(f"Every run here trained with the loss {loss}: {LOSS_LABELS[loss]}; items: {items}.")
         table.notes.append(f"Candidates: every item; {HISTORY_LABELS[history]}.")
+        if history_bias:
+            table.notes.append("Scores: the cosine plus a score each model learned for the items of the history it "
+                               "reads (--history-bias, not in the paper).")
         if ties != DEFAULT_TIES:
             table.notes.append(f"Ties: {TIES_LABELS[ties]}.")
         if retested:

@@ -103,6 +103,25 @@ def test_full_ranking_exclude_history_conventions() -> None:
     assert morec["N@10"][0] == pytest.approx(1 / math.log2(3))  # 10 and 11 removed; 5 kept as the target
 
 
+def test_history_bonus_moves_history_items_once_and_keeps_them_candidates() -> None:
+    n = 30
+    order = [10, 11, 12, 5] + [i for i in range(n) if i not in (10, 11, 12, 5)]
+    users, items = one_hot_user(n, order)             # scores: item 10 → 30, 11 → 29, 12 → 28, 5 → 27, …
+    target = torch.tensor([5])
+    history = [np.array([10, 11, 11, 5, -1])]         # 11 twice, the target too, -1 padding
+    down = full_ranking(users, items, target, history_bonus=(history, -2.5))
+    # 10 → 27.5 and 11 → 26.5 (once, not twice); the target 27 → 24.5 falls below 12 (28), 10, 11 and the items
+    # scoring 26 and 25 that were behind it: rank 6
+    assert down["N@10"][0] == pytest.approx(1 / math.log2(7))
+    up = full_ranking(users, items, target, history_bonus=(history, 3.5))   # 30.5 after 10 → 33.5, 11 → 32.5
+    assert up["N@10"][0] == pytest.approx(1 / math.log2(4))
+    # a bonus leaves history items candidates; exclusion after it still removes them (never the target)
+    both = full_ranking(users, items, target, history_bonus=(history, -2.5), histories=history, exclude_history=True)
+    assert both["N@10"][0] == pytest.approx(1 / math.log2(5))         # 12, 26, 25 above 24.5
+    with pytest.raises(ValueError, match="bonus histories"):
+        full_ranking(users, items, target, history_bonus=(history * 2, 1.0))
+
+
 def naive_ranks(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray] | None) -> np.ndarray:
     """Per-user reference: sort descending, drop excluded items, find the target's position."""
     out = []

@@ -232,6 +232,16 @@ def test_item_id_runs_never_share_a_table_with_text_only_runs(home: Path) -> Non
     assert "| Sci | R@10 | — | — | — | — | — | 0.5000 (1) |" in ids and "learned ID embedding" in ids
 
 
+def test_history_bias_runs_never_share_a_table_with_runs_without(home: Path) -> None:
+    fake_run(home, "plain", method="ssna", hparams={"a": 3}, valid=0.1, test=0.3)
+    fake_run(home, "biased", method="ssna", hparams={"a": 3, "history_bias": True}, valid=0.9, test=0.5)
+    results = load_results(home / RESULTS_FILE)
+    default = render_markdown(table(build_tables(results), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | — | 0.3000 (1) |" in default and "history-bias" not in default
+    biased = render_markdown(table(build_tables(results, history_bias=True), "performance_tiny"))
+    assert "| Sci | R@10 | — | — | — | — | — | 0.5000 (1) |" in biased and "--history-bias" in biased
+
+
 def test_candidate_protocols_never_share_a_table(home: Path) -> None:
     """Excluding history items only removes wrong candidates, so its metrics are never comparable with (and would
     always win against) RecBole's: the default tables keep the history, --history exclude shows the others, and

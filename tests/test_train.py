@@ -247,6 +247,80 @@ def test_item_ids_add_a_trained_id_embedding(loss):
         assert grad[[0, 5, 7]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("loss", ["inbatch", "full"])
+def test_history_bias_adds_one_learned_score_to_history_items(loss, features):
+    batch = make_batch([[1, 2, 2], [3], [4, 6]], [2, 4, 9])           # row 0 repeats its item 2
+    plain = build_model(resolve(tiny_cfg("tmoe", loss=loss))[0], inputs_for(features), torch.device("cpu")).eval()
+    cfg, _ = resolve(tiny_cfg("tmoe", loss=loss, history_bias=True))
+    model = build_model(cfg, inputs_for(features), torch.device("cpu")).eval()
+    assert plain.history_bias is None and plain.history_score() is None and model.history_score() == 0.0
+    assert model.loss(batch).item() == plain.loss(batch).item()        # b starts at 0: the same model
+    with torch.no_grad():
+        model.history_bias.fill_(-0.3)
+    users, targets = model(batch)
+    u = torch.nn.functional.normalize(users, dim=-1)
+    if loss == "full":
+        logits = u @ torch.nn.functional.normalize(model.item_vectors(), dim=-1).T / cfg.temperature
+        for row, seen in enumerate([[1, 2], [3], [4, 6]]):
+            logits[row, seen] -= 0.3 / cfg.temperature                 # once per item, though row 0 has 2 twice
+        labels = batch.targets
+    else:   # candidates are the batch's targets 2, 4, 9: 2 is in row 0's history (its own target), 4 in row 2's
+        logits = u @ torch.nn.functional.normalize(targets, dim=-1).T / cfg.temperature
+        logits[[0, 2], [0, 1]] -= 0.3 / cfg.temperature
+        labels = torch.arange(3)
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    loss_value = model.loss(batch)
+    torch.testing.assert_close(loss_value, expected)
+    loss_value.backward()
+    p = torch.softmax(logits, dim=1)
+    if loss == "full":   # dL/db = mean over rows of (the history items' probability − [target in history]) / τ
+        seen_mass = p[0, [1, 2]].sum() + p[1, 3] + p[2, [4, 6]].sum()
+        grad = (seen_mass - 1) / 3 / cfg.temperature                   # row 0's target 2 is in its history
+    else:
+        grad = (p[0, 0] - 1 + p[2, 1]) / 3 / cfg.temperature
+    torch.testing.assert_close(model.history_bias.grad, grad.detach())
+
+
+@pytest.mark.parametrize(("repeat", "sign"), [(True, 1.0), (False, -1.0)])
+def test_history_bias_learns_whether_users_repeat(repeat, sign, features):
+    rng = np.random.default_rng(0)
+    walks = [rng.choice(N_ITEMS, size=8, replace=False) for _ in range(60)]
+    sequences = [np.repeat(w, 2) if repeat else w for w in walks]     # every other item repeats the last, or none
+    cfg, _ = resolve(tiny_cfg("tmoe", loss="full", history_bias=True))
+    model = build_model(cfg, inputs_for(features), torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    split = leave_one_out(sequences, N_ITEMS)
+    for batch in split.train.batches(32, np.random.default_rng(0)):
+        opt.zero_grad()
+        model.loss(batch).backward()
+        opt.step()
+    assert model.history_score() * sign > 0
+
+
+def test_ranking_adds_the_history_bias_to_the_items_the_model_read(features, sequences):
+    from evaluate.metrics import full_ranking
+    from train.loop import evaluate_examples
+
+    cfg, _ = resolve(tiny_cfg("tmoe", history_bias=True, max_len=3))   # shorter than most histories
+    split = leave_one_out(sequences, N_ITEMS, max_len=cfg.max_len)
+    model = build_model(cfg, inputs_for(features), torch.device("cpu"))
+    with torch.no_grad():
+        model.history_bias.fill_(-0.5)
+    got = evaluate_examples(model, split.test, cfg, torch.device("cpu"))
+    inputs = split.test.inputs()
+    assert all(len(i) == min(cfg.max_len, len(h)) for i, h in zip(inputs, split.test.histories(), strict=True))
+    with torch.no_grad():
+        vectors = model.item_vectors()
+        users = torch.cat([model.predict(b, vectors) for b in split.test.batches(64)])
+    items = torch.nn.functional.normalize(vectors, dim=-1)
+    targets = torch.from_numpy(split.test.targets())
+    expected = full_ranking(users, items, targets, history_bonus=(inputs, -0.5))
+    plain = full_ranking(users, items, targets)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert not np.array_equal(got["N@50"], plain["N@50"])
+
+
 def test_inbatch_loss_masks_duplicate_positives(features):
     cfg, _ = resolve(tiny_cfg("tmoe"))
     model = build_model(cfg, inputs_for(features), torch.device("cpu")).eval()
@@ -405,6 +479,6 @@ def test_a_setting_added_later_renames_no_run_and_splits_no_seeds():
     assert cfg.run_key() == f"sci_minilm_adalora_s0_{digest}"
     assert not set(ADDED_LATER) & set(cfg.hparams())
     for name, value in (("adalora_epochs", 80), ("item_ids", True), ("ties", "expected"), ("lr_decays", 1),
-                        ("lr_decay_factor", 0.5)):
+                        ("lr_decay_factor", 0.5), ("history_bias", True)):
         changed = replace(cfg, **{name: value})
         assert changed.run_key() != cfg.run_key() and changed.hparams()[name] == value

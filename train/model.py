@@ -86,7 +86,7 @@ class SequentialRecommender(nn.Module):
 
     def history_score(self) -> float | None:
         """The learned history bias b (added to the cosine of the items of a history), or None without one."""
-        return None if self.history_bias is None else float(self.history_bias)
+        return None if self.history_bias is None else float(self.history_bias.detach())
 
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
         """Item embeddings v* ``[U, d]`` of ``item_idx`` (the item encoder's, plus the ID embedding if any)."""

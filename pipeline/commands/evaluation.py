@@ -32,6 +32,8 @@ TIES_HELP = (f"Only runs ranked under this tie rule: {TIE_RULES}; `ssnarec retes
              "The rules never share a table.")
 ITEM_IDS_HELP = ("Only runs whose items carried a learned ID embedding (train --item-ids), or only text-only "
                  "runs (the paper's); the two never share a table.")
+HISTORY_BIAS_HELP = ("Only runs that learned a score for the items of a history (train --history-bias), or only "
+                     "runs without (the paper's); the two never share a table.")
 
 # the filters shared by eval, report and retest, declared once (each command gives its default)
 DatasetFilter = Annotated[str, typer.Option("--dataset", help=DATASET_HELP, show_default="all")]
@@ -40,6 +42,8 @@ ResultsPath = Annotated[str, typer.Option("--results", help=RESULTS_HELP,
                                           show_default="$SSNAREC_HOME/results.parquet")]
 LossFilter = Annotated[str, typer.Option("--loss", help=LOSS_HELP, show_default=True)]
 ItemIdsFilter = Annotated[bool, typer.Option("--item-ids/--text-only", help=ITEM_IDS_HELP, show_default=True)]
+HistoryBiasFilter = Annotated[bool, typer.Option("--history-bias/--no-history-bias", help=HISTORY_BIAS_HELP,
+                                                 show_default=True)]
 HistoryFilter = Annotated[str, typer.Option("--history", help=HISTORY_HELP, show_default=True)]
 TiesFilter = Annotated[str, typer.Option("--ties", help=TIES_HELP, show_default=True)]
 
@@ -88,6 +92,7 @@ def eval_command(
     results: ResultsPath = "",
     loss: LossFilter = "inbatch",
     item_ids: ItemIdsFilter = False,
+    history_bias: HistoryBiasFilter = False,
     history: HistoryFilter = "keep",
     ties: TiesFilter = DEFAULT_TIES,
     markdown: bool = typer.Option(False, "--markdown/--text", help="Print markdown instead of plain text.", show_default=True),
@@ -98,7 +103,7 @@ def eval_command(
     path, frame = _load(results)
     _check_filters(loss, history, ties)
     tables = build_tables(frame, datasets=_split(dataset), llms=_split(llm), loss=loss, item_ids=item_ids,
-                          history=history, ties=ties)
+                          history=history, ties=ties, history_bias=history_bias)
     if not tables:
         typer.echo(f"No finished runs in {path}" + (" for that filter" if frame.height else "")
                    + "; train some first, e.g. `make train METHOD=ssna DATASET=sci LLM=minilm`.")
@@ -115,6 +120,7 @@ def report_command(
     results: ResultsPath = "",
     loss: LossFilter = "inbatch",
     item_ids: ItemIdsFilter = False,
+    history_bias: HistoryBiasFilter = False,
     history: HistoryFilter = "keep",
     ties: TiesFilter = DEFAULT_TIES,
 ) -> None:
@@ -124,7 +130,8 @@ def report_command(
     path, frame = _load(results)
     _check_filters(loss, history, ties)
     report = write_report(frame, workspace.reports_dir(), datasets=_split(dataset), llms=_split(llm), loss=loss,
-                          item_ids=item_ids, history=history, ties=ties, source=str(path))
+                          item_ids=item_ids, history=history, ties=ties, history_bias=history_bias,
+                          source=str(path))
     typer.echo(str(report))
 
 
@@ -160,7 +167,8 @@ def retest_command(
     _check_filters(ties=ties)
     wanted = ("exclude" if exclude_history else "keep", ties)
     _, frame = _load("")
-    frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None, history=None, ties=None)
+    frame = filter_results(frame, _split(dataset), _split(llm), loss=None, item_ids=None, history=None, ties=None,
+                           history_bias=None)
     if method:
         frame = frame.filter(frame["method"].is_in(_split(method)))
     frame = frame.filter(frame["hparams"].map_elements(
