@@ -136,7 +136,8 @@ def run_retest(run_id: str, exclude_history: bool, device: str = "cpu", overwrit
 
 
 def recommend(run_id: str, history: list[str], k: int = 10, exclude_history: bool = True) -> list[dict]:
-    """Top-k items for a history of item ids (oldest first): item_id, score (cosine), text."""
+    """Top-k items for a history of item ids (oldest first): item_id, score (the cosine; for the items the model
+    read, plus the run's learned history bias if it has one), text."""
     model, data, cfg = load_run(run_id)
     ids = data.items
     index = dict(zip(ids["item_id"].to_list(), ids["item_idx"].to_list(), strict=True))

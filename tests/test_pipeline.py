@@ -345,6 +345,41 @@ def test_grad_checkpointing_trains_the_same_model_in_its_own_run(prepared):
         assert rows[metric][0] == rows[metric][1], metric
 
 
+def test_history_bias_trains_into_its_own_tables_and_ranks_what_the_model_read(prepared, monkeypatch):
+    import torch
+
+    assert train(prepared, "--method", "ssna").exit_code == 0
+    biased = train(prepared, "--method", "ssna", "--history-bias", "--run-id", "toy-hb")
+    assert biased.exit_code == 0, biased.output
+    rows = pl.read_parquet(workspace.home() / "results.parquet")
+    assert sorted(json.loads(h).get("history_bias", False) for h in rows["hparams"]) == [False, True]
+    for flag, rows_shown in (("--no-history-bias", 1), ("--history-bias", 1)):
+        shown = CliRunner().invoke(app, ["eval", "--dataset", "toy", flag])
+        assert shown.exit_code == 0 and shown.output.count("(1)") == 4 * rows_shown, shown.output
+    assert "--history-bias" in CliRunner().invoke(app, ["eval", "--dataset", "toy", "--history-bias"]).output
+
+    real_load_run = pipeline.stages.load_run
+
+    def with_bias(value):
+        def load(run_id):
+            model, data, cfg = real_load_run(run_id)
+            with torch.no_grad():
+                model.history_bias.fill_(value)       # cosines lie in [-1, 1]: ±5 puts history items first or last
+            return model, data, dataclasses.replace(cfg, max_len=2)
+        return load
+
+    def top(*extra):
+        out = CliRunner().invoke(app, ["recommend", "--run", "toy-hb", "--history", "I001 I002 I003", *extra])
+        assert out.exit_code == 0, out.output
+        return [line.split()[2] for line in out.output.strip().splitlines()]   # rank, score, item id, text
+
+    monkeypatch.setattr(pipeline.stages, "load_run", with_bias(5.0))
+    assert sorted(top("-k", "2", "--keep-history")) == ["I002", "I003"]    # the two items the model reads
+    assert not {"I001", "I002", "I003"} & set(top("-k", "5"))               # exclusion still removes them all
+    monkeypatch.setattr(pipeline.stages, "load_run", with_bias(-5.0))
+    assert sorted(top("-k", str(N_ITEMS), "--keep-history")[-2:]) == ["I002", "I003"]
+
+
 def test_sweep_searches_the_shared_settings(prepared):
     """--lr/--temperature/… take comma lists and multiply the grid; their defaults name the default runs."""
     plain = sweep_keys("tmoe,lora")
