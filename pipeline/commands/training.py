@@ -204,7 +204,8 @@ def sweep_cmd(
         spaces = [PAPER_GRID[f] if paper_grid else given[f] for f in fields] + shared
         for combo in itertools.product(*spaces):
             plan.append(TrainConfig(method=method, dataset=dataset, llm=llm, seed=seed, loss=loss, gru_order=gru_order,
-                                    item_ids=item_ids, history_bias=history_bias, max_epochs=max_epochs, patience=patience, max_steps=max_steps,
+                                    item_ids=item_ids, history_bias=history_bias, max_epochs=max_epochs,
+                                    patience=patience, max_steps=max_steps,
                                     lr_decays=lr_decays, lr_decay_factor=lr_decay_factor,
                                     grad_checkpointing=grad_checkpointing, limit_users=limit_users, autocast=autocast, threads=threads,
                                     **dict(zip(fields + SHARED_GRID, combo, strict=True))))
