@@ -163,12 +163,18 @@ def test_split_bounds_and_shards_follow_array_split():
     assert gather_rows(x) == ([x], 0)
 
 
-def test_gathered_negatives_loss_has_the_global_batch_gradient():
+@pytest.mark.parametrize("history_bias", [False, True])
+def test_gathered_negatives_loss_has_the_global_batch_gradient(history_bias):
     """The DDP objective, emulated in one process: each share's loss with the other shares' targets gathered,
-    weighted by world × share / batch and averaged over ranks, has the gradient of the single-process loss."""
+    weighted by world × share / batch and averaged over ranks, has the gradient of the single-process loss
+    (with a history bias too: each row's history marks the gathered targets it holds)."""
     features = np.random.default_rng(0).standard_normal((N_ITEMS, N_LAYERS, HIDDEN)).astype(np.float32)
-    cfg, _ = resolve(TrainConfig(**{**train_jobs(Path("unused"))[0]["cfg"], "method": "tmoe"}))
+    cfg, _ = resolve(TrainConfig(**{**train_jobs(Path("unused"))[0]["cfg"], "method": "tmoe",
+                                    "history_bias": history_bias}))
     model = build_model(cfg, ItemInputs(N_ITEMS, layers=lambda a: features[:, :a]), torch.device("cpu")).train()
+    if history_bias:
+        with torch.no_grad():
+            model.history_bias.fill_(-0.3)
     split = leave_one_out(make_sequences(), N_ITEMS)
     index, twins = np.arange(15), np.array([0, 14])      # in different shares, both with target 7
     split.train.items[split.train.offsets[split.train.users[twins]] + split.train.positions[twins]] = 7
