@@ -211,18 +211,18 @@ def top_items(model, vectors, histories: list[np.ndarray], max_len: int, k: int,
     from evaluate.metrics import add_to_histories, exclude_histories, flatten_histories
     from train.data import Batch
 
-    lengths = np.array([min(len(h), max_len) for h in histories], dtype=np.int64)
+    read = [h[max(len(h) - max_len, 0):] for h in histories]      # what the model reads of each history
+    lengths = np.array([len(r) for r in read], dtype=np.int64)
     padded = np.zeros((len(histories), int(lengths.max())), dtype=np.int64)
-    for row, (history, n) in enumerate(zip(histories, lengths, strict=True)):
-        padded[row, :n] = history[len(history) - n:]
+    for row, items in enumerate(read):
+        padded[row, : len(items)] = items
     none = torch.zeros(len(histories), dtype=torch.int64)
     batch = Batch(torch.from_numpy(padded), torch.from_numpy(lengths), none, none)
     with torch.no_grad():
         scores = model.predict(batch, vectors).float() @ torch.nn.functional.normalize(vectors, dim=-1).T
     bonus = model.history_score()
     if bonus is not None:       # the model's learned score for the items it read
-        add_to_histories(scores, *flatten_histories([h[len(h) - n:] for h, n in zip(histories, lengths, strict=True)],
-                                                    scores.shape[1]), bonus)
+        add_to_histories(scores, *flatten_histories(read, scores.shape[1]), bonus)
     if exclude_history:
         exclude_histories(scores, *flatten_histories(histories, scores.shape[1]))
     return torch.topk(scores, min(k, scores.shape[1]))
