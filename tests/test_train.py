@@ -14,7 +14,7 @@ from train.data import Batch
 from train.hparams import method_defaults
 from train.loop import build_model, resolve
 from train.methods import SSNAEncoder
-from train.modules import MoEAdapters, Packing, SASRec
+from train.modules import MixtureOfHeads, MoEAdapters, Packing, SASRec, seeded_dropout
 
 STORE_METHODS = [name for name, m in METHODS.items() if not m.uses_llm]
 N_ITEMS, N_LAYERS, HIDDEN = 40, 4, 24
@@ -106,6 +106,61 @@ def test_adapter_matches_equations_1_to_3():
         heads = torch.stack([(h[:, m] - adapters.shift[m, k]) @ w[:, k] for k in range(3)], dim=1)   # Eq. 1
         gates = torch.softmax(h[:, m] @ adapters.gate[m, :, :3], dim=-1)                             # Eq. 2-3
         torch.testing.assert_close(out[:, m], (gates[..., None] * heads).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def _mixture_by_autograd(x, weight, gates, p, seed):
+    """MixtureOfHeads written out with autograd's own ops (which keep the heads for backward)."""
+    heads = seeded_dropout(x, p, seed) @ weight                                  # [a, N, E·out]
+    return (gates.unsqueeze(-1) * heads.unflatten(-1, (gates.shape[-1], -1))).sum(-2)
+
+
+@pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 7)])
+def test_mixture_of_heads_gradients(p, seed):
+    """The hand-made backward (heads and dropout mask made again) against finite differences and autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(2, 6, 3 * 4, dtype=torch.double, requires_grad=True)
+    gates = torch.softmax(torch.randn(2, 5, 3, dtype=torch.double), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: MixtureOfHeads.apply(*t, p, seed), (x, weight, gates))
+    out = MixtureOfHeads.apply(x, weight, gates, p, seed)
+    ref = _mixture_by_autograd(x, weight, gates, p, seed)
+    torch.testing.assert_close(out, ref)
+    dz = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, weight, gates), dz),
+                               torch.autograd.grad(ref, (x, weight, gates), dz))
+
+
+def test_seeded_dropout_replays_its_mask():
+    x = torch.ones(200, 300)
+    first, again, other = seeded_dropout(x, 0.2, 1), seeded_dropout(x, 0.2, 1), seeded_dropout(x, 0.2, 2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert set(first.unique().tolist()) == {0.0, 1.25}
+    assert abs(float((first == 0).float().mean()) - 0.2) < 0.01      # 60,000 draws: σ ≈ 0.0016
+    assert seeded_dropout(x, 0.2, None) is x
+
+
+def test_adapters_keep_no_heads_for_backward():
+    """What a training forward of the adapters keeps for backward (parameters aside): the input rows, gates and
+    routing scores, nothing of the [a, N, E·out] heads nor a second (dropped-out) copy of the rows."""
+    torch.manual_seed(0)
+    a, n, hidden, out, experts = 3, 64, 24, 16, 8
+    adapters = MoEAdapters(a, hidden, out, experts, dropout=0.2).train()
+    params = {q.untyped_storage().data_ptr() for q in adapters.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    h = torch.randn(n, a, hidden)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z = adapters(h)
+    heads_bytes = a * n * experts * out * 4
+    routing_bytes = a * n * 2 * experts * 4                         # the gate product, and what it becomes
+    assert sum(kept.values()) < h.nbytes + 4 * routing_bytes < heads_bytes
+    z.sum().backward()                                              # and backward still works from what was kept
+    assert all(q.grad is not None for q in adapters.parameters())
 
 
 def test_gru_order_option(features):
