@@ -108,10 +108,13 @@ def test_adapter_matches_equations_1_to_3():
         torch.testing.assert_close(out[:, m], (gates[..., None] * heads).sum(1), rtol=1e-4, atol=1e-4)
 
 
-def _mixture_by_autograd(x, weight, gates, p, seed):
-    """MixtureOfHeads written out with autograd's own ops (which keep the heads for backward)."""
-    heads = seeded_dropout(x, p, seed) @ weight                                  # [a, N, E·out]
-    return (gates.unsqueeze(-1) * heads.unflatten(-1, (gates.shape[-1], -1))).sum(-2)
+def _mixture_by_autograd(x, weight, shift, gates, p, seed):
+    """MixtureOfHeads written out with autograd's own ops (which keep the heads for backward): Eq. 1 per head."""
+    n_experts = gates.shape[-1]
+    dropped = torch.stack([seeded_dropout(x[m], p, None if seed is None else seed + m) for m in range(len(x))])
+    blocks = weight.unflatten(-1, (n_experts, -1))                               # [a, in, E, out]
+    heads = torch.stack([(dropped - shift[:, k, None]) @ blocks[:, :, k] for k in range(n_experts)], dim=2)
+    return (gates.unsqueeze(-1) * heads).sum(-2)
 
 
 @pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 7)])
@@ -120,14 +123,15 @@ def test_mixture_of_heads_gradients(p, seed):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
     weight = torch.randn(2, 6, 3 * 4, dtype=torch.double, requires_grad=True)
+    shift = torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True)
     gates = torch.softmax(torch.randn(2, 5, 3, dtype=torch.double), -1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *t: MixtureOfHeads.apply(*t, p, seed), (x, weight, gates))
-    out = MixtureOfHeads.apply(x, weight, gates, p, seed)
-    ref = _mixture_by_autograd(x, weight, gates, p, seed)
+    inputs = (x, weight, shift, gates)
+    assert torch.autograd.gradcheck(lambda *t: MixtureOfHeads.apply(*t, p, seed), inputs)
+    out = MixtureOfHeads.apply(*inputs, p, seed)
+    ref = _mixture_by_autograd(*inputs, p, seed)
     torch.testing.assert_close(out, ref)
     dz = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, (x, weight, gates), dz),
-                               torch.autograd.grad(ref, (x, weight, gates), dz))
+    torch.testing.assert_close(torch.autograd.grad(out, inputs, dz), torch.autograd.grad(ref, inputs, dz))
 
 
 def test_seeded_dropout_replays_its_mask():

@@ -49,14 +49,7 @@ class MoEAdapters(nn.Module):
         weights = torch.softmax(logits, dim=-1)                                 # [a, N, E]
         # the dropout mask's seed, drawn from torch's generator: the mask is made again from it in backward
         seed = int(torch.randint(2**62, ())) if self.training and self.p > 0 else None
-        z = MixtureOfHeads.apply(x, self.weight, weights, self.p, seed)
-        # Σ_k g_k (x − b_k) W_k = Σ_k g_k x W_k − Σ_k g_k (b_k W_k): the shift costs an [E, out] product per
-        # adapter instead of a pass over every item's heads. b_k W_k is the k-th diagonal block of b W, an
-        # [E, E·out] product from the parameters as they are (in their dtype), so that backward keeps no copy of W.
-        with torch.autocast(h.device.type, enabled=False):
-            blocks = torch.bmm(self.shift, self.weight).unflatten(-1, (self.n_experts, self.out_dim))
-            shift = blocks.diagonal(dim1=1, dim2=2).transpose(1, 2)             # [a, E, out]
-        z = z - torch.bmm(weights.to(z.dtype), shift.to(z.dtype))
+        z = MixtureOfHeads.apply(x, self.weight, self.shift, weights, self.p, seed)
         return z.transpose(0, 1)                                                # [N, a, out]
 
 
@@ -71,51 +64,80 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 
 
 class MixtureOfHeads(torch.autograd.Function):
-    """``z[m] = Σ_k g[m, :, k] · (x'[m] W[m, k])`` with ``x' = seeded_dropout(x, p, seed)``: every adapter's heads
-    on its dropped-out input, weighted by its gates and summed.
+    """Eq. 1's heads and their mixture: ``z[m] = Σ_k g[m, :, k] · (x'[m] − b[m, k]) W[m, k]``, every adapter's
+    whitening heads on its dropped-out input, weighted by its gates and summed; ``x'[m] = seeded_dropout(x[m], p,
+    seed + m)`` (no dropout when ``seed`` is None).
 
-    Autograd would keep the heads ``x' W`` (``[a, N, E·out]``, the adapters' largest activation: 12.6 MiB of
-    SSNA's 56.5 on the heaviest Sci batch) for the gates' gradient, and ``x'`` beside ``x`` (which the gates keep
-    anyway). This keeps only ``x``, ``W`` (the parameter itself) and the gates, and makes ``x'`` and each
-    adapter's heads again in backward, one adapter at a time, so that neither the heads nor their gradient exist
-    for all adapters at once. The cost: one more ``[N, in] × [in, E·out]`` product per adapter and step. The
-    products run in the dtype of ``x`` (bf16 under autocast, as the store rows arrive); ``W`` stays in its own.
+    Autograd would keep the heads (``[a, N, E·out]``, the adapters' largest activation: 12.6 MiB of SSNA's 56.5
+    on the heaviest Sci batch) for the gates' gradient, and ``x'`` beside ``x`` (which the gates keep anyway).
+    This keeps only ``x``, the parameters themselves and the gates, and makes ``x'[m]`` and the heads again in
+    backward: one more ``[N, in] × [in, E·out]`` product per adapter and step. It works one adapter at a time, so
+    that no dropped-out input, heads or gradient of them exist for all adapters at once. The shift enters as
+    ``Σ_k g_k (b_k W_k)``, an ``[E, out]`` product per adapter rather than a pass over every item's heads, and
+    its share of W's gradient (rank one per head) is added into that gradient in place, not built beside it.
+    The products over items run in the dtype of ``x`` (bf16 under autocast, as the store rows arrive); those over
+    parameters alone, and the gradients, in the parameters' own.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, p: float,
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, gates: torch.Tensor, p: float,
                 seed: int | None) -> torch.Tensor:
-        """``x [a, N, in]``, ``weight [a, in, E·out]``, ``gates [a, N, E]`` → ``[a, N, out]`` in x's dtype."""
-        ctx.save_for_backward(x, weight, gates)
+        """``x [a, N, in]``, ``weight [a, in, E·out]``, ``shift [a, E, in]``, ``gates [a, N, E]`` →
+        ``[a, N, out]`` in x's dtype."""
+        ctx.save_for_backward(x, weight, shift, gates)
         ctx.p, ctx.seed = p, seed
+        n_adapters, n_items, n_experts = gates.shape
+        z = x.new_empty(n_adapters, n_items, weight.shape[-1] // n_experts)
         with torch.autocast(x.device.type, enabled=False):
-            heads = torch.bmm(seeded_dropout(x, p, seed), weight.to(x.dtype)).unflatten(-1, (gates.shape[-1], -1))
-            return torch.matmul(gates.to(x.dtype).unsqueeze(-2), heads).squeeze(-2)
+            for m in range(n_adapters):
+                g = gates[m].to(x.dtype)                                                     # [N, E]
+                heads = (MixtureOfHeads._dropped(ctx, x[m], m) @ weight[m].to(x.dtype)).unflatten(-1, (n_experts, -1))
+                torch.matmul(g.unsqueeze(-2), heads, out=z[m].unsqueeze(-2))
+                z[m] -= g @ MixtureOfHeads._shifted(weight[m], shift[m]).to(x.dtype)
+        return z
 
     @staticmethod
     def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, gates = ctx.saved_tensors
+        x, weight, shift, gates = ctx.saved_tensors
         n_experts = gates.shape[-1]
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        dgates = torch.empty_like(gates) if ctx.needs_input_grad[2] else None
+        dx, dweight, dshift, dgates = (torch.empty_like(t) if needed else None
+                                       for t, needed in zip((x, weight, shift, gates), ctx.needs_input_grad[:4], strict=True))
         with torch.autocast(x.device.type, enabled=False):
             dz = dz.to(x.dtype)
-            dropped = seeded_dropout(x, ctx.p, ctx.seed)                        # the forward's x', made again
             for m in range(x.shape[0]):
+                dropped = MixtureOfHeads._dropped(ctx, x[m], m)                 # the forward's x'[m], made again
                 w = weight[m].to(x.dtype)                                       # [in, E·out]
                 if dgates is not None:
-                    heads = (dropped[m] @ w).unflatten(-1, (n_experts, -1))     # [N, E, out], made again
-                    dgates[m] = torch.matmul(heads, dz[m].unsqueeze(-1)).squeeze(-1)
+                    heads = (dropped @ w).unflatten(-1, (n_experts, -1))        # [N, E, out], made again
+                    shifted = MixtureOfHeads._shifted(weight[m], shift[m]).to(x.dtype)
+                    dgates[m] = torch.matmul(heads, dz[m].unsqueeze(-1)).squeeze(-1) - dz[m] @ shifted.T
                     del heads
                 dheads = (gates[m].to(x.dtype).unsqueeze(-1) * dz[m].unsqueeze(-2)).flatten(1)   # [N, E·out]
+                # Σ_n g_nk dz_n: what the shift term −Σ_k g_k b_k W_k passes back to b_k and W_k
+                mixed = dheads.sum(0, dtype=weight.dtype).view(n_experts, -1)   # [E, out]
+                blocks = weight[m].view(weight.shape[1], n_experts, -1)         # W_k = blocks[:, k]
                 if dweight is not None:
-                    dweight[m] = dropped[m].T @ dheads
+                    dweight[m] = dropped.T @ dheads
+                    for k in range(n_experts):
+                        dweight[m].view_as(blocks)[:, k].addr_(shift[m, k], mixed[k], alpha=-1)
+                if dshift is not None:
+                    for k in range(n_experts):
+                        torch.mv(blocks[:, k], mixed[k], out=dshift[m, k]).neg_()
+                del dropped
                 if dx is not None:
-                    dx[m] = dheads @ w.T
-            if dx is not None:
-                dx = seeded_dropout(dx, ctx.p, ctx.seed)                        # through the same mask
-        return dx, dweight, dgates, None, None
+                    dx[m] = MixtureOfHeads._dropped(ctx, dheads @ w.T, m)       # through the same mask
+        return dx, dweight, dshift, dgates, None, None
+
+    @staticmethod
+    def _dropped(ctx, t: torch.Tensor, m: int) -> torch.Tensor:
+        """``t`` through adapter m's dropout mask."""
+        return seeded_dropout(t, ctx.p, None if ctx.seed is None else ctx.seed + m)
+
+    @staticmethod
+    def _shifted(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``b_k W_k`` of one adapter's heads, ``[E, out]``, from ``weight [in, E·out]`` and ``shift [E, in]``."""
+        blocks = weight.view(weight.shape[0], shift.shape[0], -1).transpose(0, 1)             # [E, in, out]
+        return torch.bmm(shift.unsqueeze(1), blocks).squeeze(1)
 
 
 class MLPAdapter(nn.Module):
