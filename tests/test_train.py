@@ -111,7 +111,7 @@ def test_adapter_matches_equations_1_to_3():
 def _mixture_by_autograd(x, weight, shift, gates, p, seed):
     """MixtureOfHeads written out with autograd's own ops (which keep the heads for backward): Eq. 1 per head."""
     n_experts = gates.shape[-1]
-    dropped = torch.stack([seeded_dropout(x[m], p, None if seed is None else seed + m) for m in range(len(x))])
+    dropped = seeded_dropout(x, p, seed)
     blocks = weight.unflatten(-1, (n_experts, -1))                               # [a, in, E, out]
     heads = torch.stack([(dropped - shift[:, k, None]) @ blocks[:, :, k] for k in range(n_experts)], dim=2)
     return (gates.unsqueeze(-1) * heads).sum(-2)

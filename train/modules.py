@@ -65,14 +65,14 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 
 class MixtureOfHeads(torch.autograd.Function):
     """Eq. 1's heads and their mixture: ``z[m] = Σ_k g[m, :, k] · (x'[m] − b[m, k]) W[m, k]``, every adapter's
-    whitening heads on its dropped-out input, weighted by its gates and summed; ``x'[m] = seeded_dropout(x[m], p,
-    seed + m)`` (no dropout when ``seed`` is None).
+    whitening heads on its dropped-out input, weighted by its gates and summed; ``x' = seeded_dropout(x, p, seed)``
+    (no dropout when ``seed`` is None).
 
     Autograd would keep the heads (``[a, N, E·out]``, the adapters' largest activation: 12.6 MiB of SSNA's 56.5
     on the heaviest Sci batch) for the gates' gradient, and ``x'`` beside ``x`` (which the gates keep anyway).
-    This keeps only ``x``, the parameters themselves and the gates, and makes ``x'[m]`` and the heads again in
+    This keeps only ``x``, the parameters themselves and the gates, and makes ``x'`` and the heads again in
     backward: one more ``[N, in] × [in, E·out]`` product per adapter and step. It works one adapter at a time, so
-    that no dropped-out input, heads or gradient of them exist for all adapters at once. The shift enters as
+    that no heads or gradient of them exist for all adapters at once. The shift enters as
     ``Σ_k g_k (b_k W_k)``, an ``[E, out]`` product per adapter rather than a pass over every item's heads, and
     its share of W's gradient (rank one per head) is added into that gradient in place, not built beside it.
     The products over items run in the dtype of ``x`` (bf16 under autocast, as the store rows arrive); those over
@@ -89,55 +89,59 @@ class MixtureOfHeads(torch.autograd.Function):
         n_adapters, n_items, n_experts = gates.shape
         z = x.new_empty(n_adapters, n_items, weight.shape[-1] // n_experts)
         with torch.autocast(x.device.type, enabled=False):
+            g, dropped = gates.to(x.dtype), seeded_dropout(x, p, seed)
             for m in range(n_adapters):
-                g = gates[m].to(x.dtype)                                                     # [N, E]
-                heads = (MixtureOfHeads._dropped(ctx, x[m], m) @ weight[m].to(x.dtype)).unflatten(-1, (n_experts, -1))
-                torch.matmul(g.unsqueeze(-2), heads, out=z[m].unsqueeze(-2))
-                z[m] -= g @ MixtureOfHeads._shifted(weight[m], shift[m]).to(x.dtype)
+                heads = dropped[m] @ weight[m].to(x.dtype)                                        # [N, E·out]
+                torch.matmul(g[m].unsqueeze(-2), heads.unflatten(-1, (n_experts, -1)), out=z[m].unsqueeze(-2))
+            z -= torch.bmm(g, MixtureOfHeads._shifted(weight, shift).to(x.dtype))
         return z
 
     @staticmethod
     def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, shift, gates = ctx.saved_tensors
-        n_experts = gates.shape[-1]
-        dx, dweight, dshift, dgates = (torch.empty_like(t) if needed else None
-                                       for t, needed in zip((x, weight, shift, gates), ctx.needs_input_grad[:4], strict=True))
+        n_adapters, _, n_experts = gates.shape
+        need_x, need_weight, need_shift, need_gates = ctx.needs_input_grad[:4]
+        dx = torch.empty_like(x) if need_x else None
+        dweight = torch.empty_like(weight) if need_weight else None
+        dshift = dgates = None
         with torch.autocast(x.device.type, enabled=False):
-            dz = dz.to(x.dtype)
-            for m in range(x.shape[0]):
-                dropped = MixtureOfHeads._dropped(ctx, x[m], m)                 # the forward's x'[m], made again
+            dz, g = dz.to(x.dtype), gates.to(x.dtype)
+            if need_gates:                                                      # the shift term's part first
+                shifted = MixtureOfHeads._shifted(weight, shift).to(x.dtype)
+                dgates = torch.bmm(dz, shifted.transpose(1, 2)).to(gates.dtype).neg_()
+            dropped = seeded_dropout(x, ctx.p, ctx.seed)                        # the forward's x', made again
+            for m in range(n_adapters):
                 w = weight[m].to(x.dtype)                                       # [in, E·out]
-                if dgates is not None:
-                    heads = (dropped @ w).unflatten(-1, (n_experts, -1))        # [N, E, out], made again
-                    shifted = MixtureOfHeads._shifted(weight[m], shift[m]).to(x.dtype)
-                    dgates[m] = torch.matmul(heads, dz[m].unsqueeze(-1)).squeeze(-1) - dz[m] @ shifted.T
+                if need_gates:
+                    heads = (dropped[m] @ w).unflatten(-1, (n_experts, -1))     # [N, E, out], made again
+                    dgates[m] += torch.matmul(heads, dz[m].unsqueeze(-1)).squeeze(-1)
                     del heads
-                dheads = (gates[m].to(x.dtype).unsqueeze(-1) * dz[m].unsqueeze(-2)).flatten(1)   # [N, E·out]
-                # Σ_n g_nk dz_n: what the shift term −Σ_k g_k b_k W_k passes back to b_k and W_k
-                mixed = dheads.sum(0, dtype=weight.dtype).view(n_experts, -1)   # [E, out]
-                blocks = weight[m].view(weight.shape[1], n_experts, -1)         # W_k = blocks[:, k]
-                if dweight is not None:
-                    dweight[m] = dropped.T @ dheads
-                    for k in range(n_experts):
-                        dweight[m].view_as(blocks)[:, k].addr_(shift[m, k], mixed[k], alpha=-1)
-                if dshift is not None:
-                    for k in range(n_experts):
-                        torch.mv(blocks[:, k], mixed[k], out=dshift[m, k]).neg_()
-                del dropped
-                if dx is not None:
-                    dx[m] = MixtureOfHeads._dropped(ctx, dheads @ w.T, m)       # through the same mask
+                dheads = (g[m].unsqueeze(-1) * dz[m].unsqueeze(-2)).flatten(1)                  # [N, E·out]
+                if need_weight:
+                    dweight[m] = dropped[m].T @ dheads
+                if need_x:
+                    dx[m] = dheads @ w.T
+            del dropped
+            if need_x:
+                dx = seeded_dropout(dx, ctx.p, ctx.seed)                        # through the same mask
+            # Σ_n g_nk dz_n of every adapter and head: what −Σ_k g_k b_k W_k passes back to b_k and W_k
+            mixed = torch.bmm(g.transpose(1, 2), dz).to(weight.dtype)          # [a, E, out]
+            blocks = weight.view(n_adapters, -1, n_experts, mixed.shape[-1])    # W_mk = blocks[m, :, k]
+            if need_weight:                                                     # rank one per head, in place
+                dweight.view_as(blocks).addcmul_(shift.transpose(1, 2).unsqueeze(-1), mixed.unsqueeze(1), value=-1)
+            if need_shift:
+                dshift = torch.stack([torch.bmm(blocks[m].transpose(0, 1), mixed[m].unsqueeze(-1)).squeeze(-1)
+                                      for m in range(n_adapters)]).neg_()
         return dx, dweight, dshift, dgates, None, None
 
     @staticmethod
-    def _dropped(ctx, t: torch.Tensor, m: int) -> torch.Tensor:
-        """``t`` through adapter m's dropout mask."""
-        return seeded_dropout(t, ctx.p, None if ctx.seed is None else ctx.seed + m)
-
-    @staticmethod
     def _shifted(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """``b_k W_k`` of one adapter's heads, ``[E, out]``, from ``weight [in, E·out]`` and ``shift [E, in]``."""
-        blocks = weight.view(weight.shape[0], shift.shape[0], -1).transpose(0, 1)             # [E, in, out]
-        return torch.bmm(shift.unsqueeze(1), blocks).squeeze(1)
+        """``b_k W_k`` of every adapter's heads, ``[a, E, out]``, from ``weight [a, in, E·out]`` and ``shift
+        [a, E, in]``: one ``[E, in] × [in, out]`` product per adapter, on W's blocks as they lie (no copy)."""
+        n_adapters, in_dim, n_experts = shift.shape[0], shift.shape[2], shift.shape[1]
+        blocks = weight.view(n_adapters, in_dim, n_experts, -1)
+        return torch.stack([torch.bmm(shift[m].unsqueeze(1), blocks[m].transpose(0, 1)).squeeze(1)
+                            for m in range(n_adapters)])
 
 
 class MLPAdapter(nn.Module):
