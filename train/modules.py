@@ -1,7 +1,8 @@
 """Building blocks of the stage-two models, each a small nn.Module with its own initialisation.
 
 - ``MoEAdapters``: ``a`` independent mixture-of-experts adapters (paper Eq. 1–3, UniSRec's MoEAdaptorLayer
-  semantics), evaluated together: the 8 whitening heads of every adapter are one batched GEMM.
+  semantics): the 8 whitening heads of an adapter are one GEMM, and their mixture (``MixtureOfHeads``) keeps
+  only its inputs for backward.
 - ``MLPAdapter``: TMLP's n_l-layer MLP on the top layer.
 - ``SASRec``: the causal self-attention user encoder (Kang & McAuley 2018) used by every method.
 """
