@@ -31,8 +31,7 @@ class MoEAdapters(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"adapter dropout must be in [0, 1), got {dropout}")
-        self.n_adapters, self.in_dim, self.out_dim, self.n_experts = n_adapters, in_dim, out_dim, n_experts
-        self.p, self.noise, self.noise_eps = dropout, noise, noise_eps
+        self.n_experts, self.p, self.noise, self.noise_eps = n_experts, dropout, noise, noise_eps
         # All heads of an adapter side by side: one [in, n_experts * out] matrix per adapter.
         self.weight = nn.Parameter(torch.empty(n_adapters, in_dim, n_experts * out_dim))
         self.shift = nn.Parameter(torch.zeros(n_adapters, n_experts, in_dim))
@@ -94,7 +93,8 @@ class MixtureOfHeads(torch.autograd.Function):
             for m in range(n_adapters):
                 heads = dropped[m] @ weight[m].to(x.dtype)                                        # [N, E·out]
                 torch.matmul(g[m].unsqueeze(-2), heads.unflatten(-1, (n_experts, -1)), out=z[m].unsqueeze(-2))
-            z -= torch.bmm(g, MixtureOfHeads._shifted(weight, shift).to(x.dtype))
+            ctx.shifted = MixtureOfHeads._shifted(weight, shift).to(x.dtype)               # [a, E, out], small
+            z -= torch.bmm(g, ctx.shifted)
         return z
 
     @staticmethod
@@ -108,8 +108,7 @@ class MixtureOfHeads(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dz, g = dz.to(x.dtype), gates.to(x.dtype)
             if need_gates:                                                      # the shift term's part first
-                shifted = MixtureOfHeads._shifted(weight, shift).to(x.dtype)
-                dgates = torch.bmm(dz, shifted.transpose(1, 2)).to(gates.dtype).neg_()
+                dgates = torch.bmm(dz, ctx.shifted.transpose(1, 2)).to(gates.dtype).neg_()
             dropped = seeded_dropout(x, ctx.p, ctx.seed)                        # the forward's x', made again
             for m in range(n_adapters):
                 w = weight[m].to(x.dtype)                                       # [in, E·out]
@@ -139,7 +138,7 @@ class MixtureOfHeads(torch.autograd.Function):
     def _shifted(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """``b_k W_k`` of every adapter's heads, ``[a, E, out]``, from ``weight [a, in, E·out]`` and ``shift
         [a, E, in]``: one ``[E, in] × [in, out]`` product per adapter, on W's blocks as they lie (no copy)."""
-        n_adapters, in_dim, n_experts = shift.shape[0], shift.shape[2], shift.shape[1]
+        n_adapters, n_experts, in_dim = shift.shape
         blocks = weight.view(n_adapters, in_dim, n_experts, -1)
         return torch.stack([torch.bmm(shift[m].unsqueeze(1), blocks[m].transpose(0, 1)).squeeze(1)
                             for m in range(n_adapters)])
